@@ -1,0 +1,60 @@
+"""Datasets by name, from the first source that has them.
+
+``digits`` and ``synthetic`` are embedded (no files, no network). ``mnist`` and
+``fashion_mnist`` come from, in order: the original IDX ``.gz`` files in ``data_dir`` (or
+``$OCLJAX_DATA_DIR``), verified against their published sha256; then tensorflow-datasets
+(download or a prepared data dir); otherwise one ``DataError`` saying how to provide them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ocljax.data import digits, idx, synthetic, tfds_source
+from ocljax.data.dataset import Dataset, validate
+from ocljax.errors import DataError
+
+EMBEDDED = {"digits": digits.load, "synthetic": synthetic.load}
+IDX_DATASETS = tuple(idx.SHA256)
+DATASETS = (*EMBEDDED, *IDX_DATASETS)
+ENV_VAR = "OCLJAX_DATA_DIR"
+
+
+def how_to_provide(name: str) -> str:
+    """Instructions for getting ``name`` onto a machine."""
+    files = ", ".join(idx.FILES.values())
+    return (
+        f"To provide {name}: put the original IDX files ({files}) in DIR or DIR/{name} and pass "
+        f"--data-dir DIR (or set {ENV_VAR}=DIR); or `pip install 'ocljax[tfds]'` on a machine "
+        "with internet so tensorflow-datasets downloads it (TFDS_DATA_DIR selects a prepared "
+        "tfds data dir)."
+    )
+
+
+def load(name: str, data_dir: str | os.PathLike | None = None, download: bool = True) -> Dataset:
+    """Load dataset ``name`` (one of ``DATASETS``) as a host ``Dataset``.
+
+    A corrupt IDX file in ``data_dir`` is an error (never silently replaced by a download).
+    """
+    if name in EMBEDDED:
+        return EMBEDDED[name]()
+    if name not in IDX_DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    tried = []
+    data_dir = data_dir or os.environ.get(ENV_VAR)
+    if data_dir:
+        path = Path(data_dir)
+        if not path.is_dir():
+            raise DataError(f"data directory {path} does not exist")
+        if idx.find_dir(name, path) is not None:
+            return idx.load(name, path)
+        tried.append(f"no complete set of IDX files in {path} or {path / name}")
+    try:
+        return tfds_source.load(name, os.environ.get("TFDS_DATA_DIR"), download=download)
+    except DataError as err:
+        tried.append(str(err))
+    raise DataError(f"{name} is not available ({'; '.join(tried)}). {how_to_provide(name)}")
+
+
+__all__ = ["DATASETS", "Dataset", "ENV_VAR", "load", "validate"]

@@ -1,0 +1,92 @@
+"""Reservoir sampling buffer (Vitter 1985, "Random sampling with a reservoir", Algorithm R).
+
+After ``n`` items have been offered, every one of them is in the buffer with probability
+``capacity / n``. Pure ``init / add / sample`` over an explicit state, vectorised over the
+incoming batch: item ``b`` of a batch is processed exactly as the sequential algorithm would
+process it (a later item that draws the same slot overwrites an earlier one).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from ocljax.types import Array, PyTree
+
+
+class ReservoirState(NamedTuple):
+    data: PyTree  # leaves [capacity, ...]
+    n_seen: Array  # [] int32, items offered so far
+
+
+def init(capacity: int, example: PyTree) -> ReservoirState:
+    """An empty buffer of ``capacity`` rows shaped like one row of each leaf of ``example``.
+
+    example: leaves [B, ...]; only shapes and dtypes are used.
+    """
+    if capacity < 1:
+        raise ValueError(f"reservoir capacity must be >= 1, got {capacity}")
+    data = jax.tree.map(lambda a: jnp.zeros((capacity, *a.shape[1:]), a.dtype), example)
+    return ReservoirState(data=data, n_seen=jnp.zeros((), jnp.int32))
+
+
+def capacity(state: ReservoirState) -> int:
+    """Static number of rows."""
+    return jax.tree.leaves(state.data)[0].shape[0]
+
+
+def size(state: ReservoirState) -> Array:
+    """Number of filled rows, ``min(n_seen, capacity)``: [] int32."""
+    return jnp.minimum(state.n_seen, capacity(state))
+
+
+def slots(n_seen: Array, cap: int, key: Array, valid: Array) -> Array:
+    """Row each incoming item is written to, or ``cap`` (dropped): [B] int32.
+
+    valid: [B] bool, items that take part (invalid ones are neither counted nor written).
+    """
+    position = n_seen + jnp.cumsum(valid.astype(jnp.int32)) - 1  # index of item in the stream
+    draw = jax.random.randint(key, valid.shape, 0, position + 1)
+    slot = jnp.where(position < cap, position, jnp.where(draw < cap, draw, cap))
+    slot = jnp.where(valid, slot, cap)
+    # Sequential semantics: if two items of the batch pick the same row, the later one wins.
+    b = jnp.arange(valid.shape[0])
+    overwritten = (slot[:, None] == slot[None, :]) & (b[None, :] > b[:, None])
+    return jnp.where(overwritten.any(axis=1), cap, slot)
+
+
+def add(state: ReservoirState, items: PyTree, key: Array, valid: Array | None = None):
+    """Offer a batch of items (leaves [B, ...]) to the reservoir; returns the new state."""
+    batch = jax.tree.leaves(items)[0].shape[0]
+    if valid is None:
+        valid = jnp.ones((batch,), bool)
+    cap = capacity(state)
+    slot = slots(state.n_seen, cap, key, valid)
+    data = jax.tree.map(lambda buf, new: buf.at[slot].set(new, mode="drop"), state.data, items)
+    return ReservoirState(data=data, n_seen=state.n_seen + valid.sum(dtype=jnp.int32))
+
+
+def sample_indices(key: Array, population: Array, n: int) -> tuple[Array, Array]:
+    """``min(n, population)`` distinct indices drawn uniformly from ``range(population)``.
+
+    Floyd's algorithm (Bentley & Floyd 1987): O(n^2) work for a static ``n``, independent of
+    the population size, so it is cheap inside a scan. Returns ``(indices [n] int32,
+    mask [n] bool)``; masked-out entries (when ``population < n``) hold index 0.
+    """
+    keys = jax.random.split(key, n)
+    picked = jnp.full((n,), -1, jnp.int32)
+    for k in range(n):
+        j = population - n + k
+        draw = jax.random.randint(keys[k], (), 0, jnp.maximum(j, 0) + 1)
+        dup = jnp.any((picked == draw) & (jnp.arange(n) < k))
+        picked = picked.at[k].set(jnp.where(j < 0, -1, jnp.where(dup, j, draw)))
+    mask = picked >= 0
+    return jnp.maximum(picked, 0), mask
+
+
+def sample(state: ReservoirState, key: Array, n: int) -> tuple[PyTree, Array]:
+    """Draw ``n`` rows without replacement; returns ``(rows, mask [n] bool)``."""
+    idx, mask = sample_indices(key, size(state), n)
+    return jax.tree.map(lambda buf: buf[idx], state.data), mask

@@ -1,0 +1,307 @@
+"""The chunked-scan driver: a whole online pass of every member as a few compiled calls.
+
+Layout of one compiled call (a *chunk*)::
+
+    shard_map over devices (member axis split across them)
+      vmap over members (seeds x hyperparameter grid; schedule values stay unbatched)
+        scan over evaluation blocks
+          scan over the block's steps: cond(valid) -> learner.update   (online accuracy too)
+          switch(eval kind): nothing | continual subset | full test sets at a task's end
+
+The training pool and the test subsets are uploaded once; the host sends only index chunks
+``[M, blocks, steps, B]`` and the shared schedule. Keys: member ``m`` with seed ``s`` uses
+``k = PRNGKey(s)``; its initial state uses ``fold_in(k, 0)``, step ``t`` uses
+``fold_in(fold_in(k, 1), t)`` and the evaluation after step ``t`` uses
+``fold_in(fold_in(k, 2), t)``, so results depend neither on chunking nor on the other members.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from ocljax.data.dataset import Dataset
+from ocljax.errors import ConfigError
+from ocljax.run.evaluation import EvalPool, make_pool, per_task_accuracy
+from ocljax.streams.schedule import EVAL_CONTINUAL, EVAL_TASK_END
+from ocljax.streams.stream import Stream
+from ocljax.types import Batch, Learner
+
+AXIS = "members"
+
+
+@dataclass
+class RunResult:
+    """Everything a run measured, as host arrays (members along axis 0)."""
+
+    acc: np.ndarray  # [M, E, T] per-task accuracy at each evaluation (E includes step 0)
+    eval_step: np.ndarray  # [E] steps trained before the evaluation
+    eval_kind: np.ndarray  # [E] EVAL_CONTINUAL or EVAL_TASK_END (step 0 counts as task end)
+    eval_task: np.ndarray  # [E] task being trained (-1 for the initial evaluation)
+    online_accuracy: np.ndarray  # [M] test-then-train accuracy on the incoming batches
+    block_loss: np.ndarray  # [M, n_blocks] mean training loss per evaluation block
+    total_steps: int
+    batch_size: int
+    compile_s: float
+    run_s: float
+    trace_count: int
+    final_state: object = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n_members(self) -> int:
+        return self.acc.shape[0]
+
+    def accuracy_matrix(self) -> np.ndarray:
+        """``R[m, i, j]``: accuracy on task j after training through task i: [M, T, T]."""
+        rows = np.flatnonzero(self.eval_kind == EVAL_TASK_END)[1:]  # skip the initial eval
+        return self.acc[:, rows]
+
+    def initial_accuracy(self) -> np.ndarray:
+        """Accuracy of the untrained model on each task: [M, T]."""
+        return self.acc[:, 0]
+
+
+def local_mesh(n_devices: int | None = None) -> jax.sharding.Mesh:
+    """A 1-D mesh over the first ``n_devices`` local devices (all by default)."""
+    devices = jax.local_devices()
+    n = len(devices) if n_devices is None else n_devices
+    if not 1 <= n <= len(devices):
+        raise ConfigError(f"asked for {n} devices, {len(devices)} are available")
+    return jax.sharding.Mesh(np.array(devices[:n]), (AXIS,))
+
+
+def stack_members(items: Sequence) -> object:
+    """Stack per-member pytrees (e.g. HParams NamedTuples) into leaves [M, ...]."""
+    return jax.tree.map(lambda *xs: np.stack([np.asarray(x, np.float32) for x in xs]), *items)
+
+
+def pad_members(tree, m_padded: int):
+    """Repeat the last member so the member axis has ``m_padded`` rows."""
+
+    def pad(a):
+        a = np.asarray(a)
+        extra = m_padded - a.shape[0]
+        return a if extra == 0 else np.concatenate([a, np.repeat(a[-1:], extra, axis=0)])
+
+    return jax.tree.map(pad, tree)
+
+
+def default_blocks_per_chunk(stream: Stream, target_steps: int = 2000) -> int:
+    """Blocks per compiled call: about ``target_steps`` steps, at most the whole stream."""
+    per_block = stream.schedule.block_len
+    return int(max(1, min(stream.schedule.n_blocks, target_steps // per_block)))
+
+
+class Program:
+    """The compiled pieces of a run for one learner, stream layout and member count."""
+
+    def __init__(self, learner: Learner, stream: Stream, mesh, task_free: bool):
+        self.learner, self.stream, self.mesh = learner, stream, mesh
+        self.trace_count = 0
+        hide = task_free or stream.cfg.kind == "iid"
+        evaluate = partial(per_task_accuracy, learner, stream.transform, stream.eval_tasks,
+                           stream.n_views, stream.n_tasks)
+        n_tasks = stream.n_tasks
+
+        def member_chunk(state, hp, key, aux, idx, steps, eval_kind, block_task, end_step, pools):
+            self.trace_count += 1  # Python side effect: counts traces, not executions
+            del block_task
+            train_x, train_y, full, cont = pools
+            step_key, eval_key = jax.random.fold_in(key, 1), jax.random.fold_in(key, 2)
+
+            def train_step(carry, s):
+                state, correct, loss_sum, n = carry
+                idx_s, info = s
+
+                def do(st):
+                    x = stream.transform(aux, info.task, train_x[idx_s])
+                    y = train_y[idx_s]
+                    batch = Batch(
+                        x, y,
+                        task=jnp.zeros_like(info.task) if hide else info.task,
+                        boundary=jnp.zeros_like(info.boundary) if hide else info.boundary,
+                        t=info.t, fresh=info.fresh,
+                    )
+                    new, metrics = learner.update(st, batch, hp, jax.random.fold_in(step_key,
+                                                                                    info.t))
+                    logits = metrics.get("stream_logits")
+                    if logits is None:
+                        logits = learner.predict(st, x, hp)
+                    hits = (jnp.argmax(logits, -1) == y).sum() * info.fresh
+                    return new, hits.astype(jnp.int32), metrics["loss"].astype(jnp.float32)
+
+                def skip(st):
+                    return st, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32)
+
+                state, hits, loss = jax.lax.cond(info.valid, do, skip, state)
+                return (state, correct + hits, loss_sum + loss, n + info.valid), None
+
+            def block(carry, b):
+                state, correct = carry
+                idx_b, info_b, kind, t_end = b
+                zero = jnp.zeros((), jnp.float32)
+                (state, correct, loss_sum, n), _ = jax.lax.scan(
+                    train_step, (state, correct, zero, jnp.zeros((), jnp.int32)), (idx_b, info_b)
+                )
+                k = jax.random.fold_in(eval_key, t_end)
+                acc = jax.lax.switch(
+                    kind,
+                    [lambda st: jnp.zeros((n_tasks,), jnp.float32),
+                     lambda st: evaluate(st, hp, k, aux, cont),
+                     lambda st: evaluate(st, hp, k, aux, full)],
+                    state,
+                )
+                return (state, correct), (acc, loss_sum / jnp.maximum(n, 1))
+
+            (state, correct), (accs, losses) = jax.lax.scan(
+                block, (state, jnp.zeros((), jnp.int32)), (idx, steps, eval_kind, end_step)
+            )
+            return state, correct, accs, losses
+
+        member = P(AXIS)
+        shared = P()
+        chunk = jax.vmap(member_chunk, in_axes=(0, 0, 0, 0, 0, None, None, None, None, None))
+        self.chunk = jax.jit(
+            jax.shard_map(
+                chunk, mesh=mesh, check_vma=False,
+                in_specs=(member, member, member, member, member, shared, shared, shared, shared,
+                          shared),
+                out_specs=(member, member, member, member),
+            ),
+            donate_argnums=(0,),
+        )
+
+        def member_init(key, hp, example_x):
+            return learner.init(jax.random.fold_in(key, 0), example_x, hp)
+
+        self.init = jax.jit(jax.shard_map(
+            jax.vmap(member_init, in_axes=(0, 0, None)), mesh=mesh, check_vma=False,
+            in_specs=(member, member, shared), out_specs=member,
+        ))
+
+        def member_eval(state, hp, key, aux, pool):
+            return evaluate(state, hp, jax.random.fold_in(jax.random.fold_in(key, 2), 0), aux,
+                            pool)
+
+        self.initial_eval = jax.jit(jax.shard_map(
+            jax.vmap(member_eval, in_axes=(0, 0, 0, 0, None)), mesh=mesh, check_vma=False,
+            in_specs=(member, member, member, member, shared), out_specs=member,
+        ))
+
+
+def run(
+    learner: Learner,
+    stream: Stream,
+    dataset: Dataset,
+    hparams: Sequence,
+    seeds: Sequence[int],
+    *,
+    task_free: bool = False,
+    n_devices: int | None = None,
+    blocks_per_chunk: int | None = None,
+    eval_batch: int = 1000,
+    progress: Callable[[int, int, float], None] | None = None,
+    keep_state: bool = False,
+) -> RunResult:
+    """Train ``len(seeds)`` members through ``stream`` and evaluate them continually.
+
+    hparams: one learner HParams per member; seeds: one seed per member (the stream must have
+    been built for the same seeds, in the same order). Members are spread over ``n_devices``
+    local devices (all by default), padded to a multiple of the device count.
+    """
+    M = len(seeds)
+    if len(hparams) != M or stream.n_members != M:
+        raise ConfigError(
+            f"{M} seeds, {len(hparams)} hyperparameter sets and a stream for "
+            f"{stream.n_members} members: they must match"
+        )
+    mesh = local_mesh(n_devices)
+    D = mesh.devices.size
+    Mp = -(-M // D) * D
+    member_sh, shared_sh = NamedSharding(mesh, P(AXIS)), NamedSharding(mesh, P())
+    put_m = partial(jax.device_put, device=member_sh)
+    put_s = partial(jax.device_put, device=shared_sh)
+
+    program = Program(learner, stream, mesh, task_free)
+    hp = put_m(pad_members(stack_members(hparams), Mp))
+    keys = put_m(pad_members(np.stack([np.asarray(jax.random.PRNGKey(s)) for s in seeds]), Mp))
+    aux = put_m(pad_members(stream.aux, Mp))
+    # The training pool and test subsets go to the device once.
+    pools = put_s((
+        dataset.train_x, dataset.train_y,
+        make_pool(dataset.test_x[stream.eval_full], dataset.test_y[stream.eval_full], eval_batch),
+        make_pool(dataset.test_x[stream.eval_continual], dataset.test_y[stream.eval_continual],
+                  eval_batch),
+    ))
+    full_pool: EvalPool = pools[2]
+    example_x = put_s(dataset.train_x[: stream.cfg.batch_size])
+
+    t0 = time.perf_counter()
+    state = program.init(keys, hp, example_x)
+    acc0 = program.initial_eval(state, hp, keys, aux, full_pool)
+    bpc = blocks_per_chunk or default_blocks_per_chunk(stream)
+    gen = stream.chunks(bpc)
+
+    def chunk_args(state, chunk):
+        idx = put_m(pad_members(chunk.idx, Mp))
+        steps, kind, task, end = put_s(
+            (chunk.steps, chunk.eval_kind, chunk.block_task, chunk.end_step)
+        )
+        return (state, hp, keys, aux, idx, steps, kind, task, end, pools)
+
+    first = next(gen)
+    compiled = program.chunk.lower(*chunk_args(state, first)).compile()
+    compile_s = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    outputs, ends = [], []
+    correct_total = None
+    chunk = first
+    while chunk is not None:
+        state, correct, accs, losses = compiled(*chunk_args(state, chunk))
+        outputs.append((accs, losses))
+        ends.append(chunk)
+        correct_total = correct if correct_total is None else correct_total + correct
+        chunk = next(gen, None)
+        if progress is not None and len(outputs) > 1:
+            jax.block_until_ready(outputs[-2][0])  # the previous chunk; this one is queued
+            done = int(ends[-2].end_step.max())
+            progress(done, stream.total_steps, time.perf_counter() - t1)
+    jax.block_until_ready((state, correct_total))
+    run_s = time.perf_counter() - t1
+    if progress is not None:
+        progress(stream.total_steps, stream.total_steps, run_s)
+
+    accs = np.concatenate([np.asarray(a) for a, _ in outputs], axis=1)[:M]  # [M, nb, T]
+    losses = np.concatenate([np.asarray(lo) for _, lo in outputs], axis=1)[:M]
+    kind = np.concatenate([c.eval_kind for c in ends])
+    keep = kind != 0
+    task = np.concatenate([c.block_task for c in ends])[keep]
+    steps = np.concatenate([c.end_step for c in ends])[keep]
+    n_fresh = int(stream.schedule.steps.fresh.sum()) * stream.cfg.batch_size
+    return RunResult(
+        acc=np.concatenate([np.asarray(acc0)[:M, None], accs[:, keep]], axis=1),
+        eval_step=np.concatenate([[0], steps]).astype(np.int64),
+        eval_kind=np.concatenate([[EVAL_TASK_END], kind[keep]]).astype(np.int32),
+        eval_task=np.concatenate([[-1], task]).astype(np.int32),
+        online_accuracy=np.asarray(correct_total)[:M] / max(n_fresh, 1),
+        block_loss=losses[:, : stream.schedule.n_blocks],
+        total_steps=stream.total_steps,
+        batch_size=stream.cfg.batch_size,
+        compile_s=compile_s,
+        run_s=run_s,
+        trace_count=program.trace_count,
+        final_state=jax.tree.map(lambda a: a[:M], state) if keep_state else None,
+    )
+
+
+__all__ = ["EVAL_CONTINUAL", "EVAL_TASK_END", "Program", "RunResult", "local_mesh", "run"]

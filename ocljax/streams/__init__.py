@@ -1,0 +1,26 @@
+"""Streams: class-incremental split, permuted (domain-incremental) and i.i.d. (upper bound)."""
+
+from __future__ import annotations
+
+from ocljax.data.dataset import Dataset
+from ocljax.streams import permuted, split
+from ocljax.streams.schedule import EVAL_CONTINUAL, EVAL_NONE, EVAL_TASK_END, Chunk, StepInfo
+from ocljax.streams.stream import KINDS, Stream, StreamConfig
+
+
+def build(cfg: StreamConfig, ds: Dataset, seeds: list[int]) -> Stream:
+    """The stream ``cfg.kind`` over ``ds`` for one member per entry of ``seeds``.
+
+    ``iid`` is the split stream's data shuffled across tasks: the same samples and number of
+    steps, evaluated on the split tasks' test sets, with no task structure for the learner.
+    """
+    cfg.check()
+    if cfg.kind == "permuted":
+        return permuted.build(cfg, ds, seeds)
+    return split.build(cfg, ds, seeds, shuffle_all=cfg.kind == "iid")
+
+
+__all__ = [
+    "EVAL_CONTINUAL", "EVAL_NONE", "EVAL_TASK_END", "KINDS", "Chunk", "StepInfo", "Stream",
+    "StreamConfig", "build",
+]

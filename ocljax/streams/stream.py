@@ -1,0 +1,114 @@
+"""A stream: each member's sequence of incoming batches plus what evaluation needs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ocljax.errors import ConfigError
+from ocljax.streams import schedule as schedule_lib
+
+KINDS = ("split", "permuted", "iid")
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """Static settings of a stream (changing them changes shapes, so recompiles).
+
+    kind: ``split`` (class-incremental), ``permuted`` (domain-incremental, one random pixel
+        permutation per task), ``iid`` (the split tasks' data shuffled together: joint upper
+        bound, evaluated on the same per-task test sets).
+    n_tasks; batch_size: incoming samples per step; passes: how many consecutive steps train on
+        each incoming batch (``mem_iters`` in the OCL surveys); task_free: hide task ids and
+        boundaries from the learner; class_order: ``fixed`` (0, 1, 2, ...) or ``random``
+        (drawn per seed); samples_per_task: cap on training samples per task (0 = all);
+        eval_every: steps between continual evaluations; eval_per_task: test samples per task
+        in continual evaluations (0 = all); test_per_task: test samples per task in task-end
+        evaluations, which give the accuracy matrix (0 = all).
+    """
+
+    kind: str = "split"
+    n_tasks: int = 5
+    batch_size: int = 10
+    passes: int = 1
+    task_free: bool = False
+    class_order: str = "fixed"
+    samples_per_task: int = 0
+    eval_every: int = 50
+    eval_per_task: int = 500
+    test_per_task: int = 0
+
+    def check(self) -> None:
+        """Raise ``ConfigError`` for unknown kinds and impossible sizes."""
+        if self.kind not in KINDS:
+            raise ConfigError(f"unknown stream {self.kind!r}; choose one of {', '.join(KINDS)}")
+        if self.class_order not in ("fixed", "random"):
+            raise ConfigError(f"class_order must be 'fixed' or 'random', got {self.class_order!r}")
+        for name in ("n_tasks", "batch_size", "passes", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("samples_per_task", "eval_per_task", "test_per_task"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass
+class Stream:
+    """Host-side description of a stream for ``M`` members.
+
+    ``transform(aux_m, task, x)`` maps pool inputs to what task ``task`` shows (a pixel
+    permutation for ``permuted``); ``eval_tasks(aux_m, view, y)`` gives the task [N] each test
+    sample of evaluation view ``view`` counts towards (-1: none). Both are pure jnp functions of
+    one member's ``aux`` leaves.
+    """
+
+    cfg: StreamConfig
+    n_tasks: int
+    task_batches: list[int]
+    orders: np.ndarray  # [M, n_batches, B] int32 pool indices
+    aux: dict[str, np.ndarray]  # leaves [M, ...]
+    transform: Callable
+    eval_tasks: Callable
+    n_views: int
+    eval_full: np.ndarray  # [Nf] int32 test indices for task-end evaluations
+    eval_continual: np.ndarray  # [Nc] int32 test indices for continual evaluations
+    task_classes: list[list[list[int]]] = field(default_factory=list)  # [M][task] classes
+    schedule: schedule_lib.Schedule = None
+
+    def __post_init__(self):
+        self.schedule = schedule_lib.build(self.task_batches, self.cfg.passes, self.cfg.eval_every)
+
+    @property
+    def n_members(self) -> int:
+        return self.orders.shape[0]
+
+    @property
+    def total_steps(self) -> int:
+        return self.schedule.total_steps
+
+    def chunks(self, blocks_per_chunk: int, start_block: int = 0):
+        """Generator of ``schedule.Chunk`` (see ``ocljax.streams.schedule.chunks``)."""
+        return schedule_lib.chunks(self.schedule, self.orders, blocks_per_chunk, start_block)
+
+
+def member_rng(seed: int, salt: int) -> np.random.Generator:
+    """The numpy generator a member uses for stream purpose ``salt``: a function of its seed
+    only, so a member's stream never depends on the rest of the sweep."""
+    return np.random.default_rng([int(seed), salt])
+
+
+def stratified_subset(y: np.ndarray, per_class: int, seed: int = 1234) -> np.ndarray:
+    """Sorted indices of up to ``per_class`` samples of each class (all when 0): [N'] int32."""
+    if per_class <= 0:
+        return np.arange(len(y), dtype=np.int32)
+    rng = np.random.default_rng(seed)
+    keep = [rng.permutation(np.flatnonzero(y == c))[:per_class] for c in np.unique(y)]
+    return np.sort(np.concatenate(keep)).astype(np.int32)
+
+
+def batches(indices: np.ndarray, batch_size: int) -> np.ndarray:
+    """Cut ``indices`` into full batches ``[n, B]`` (a ragged tail is dropped)."""
+    n = len(indices) // batch_size
+    return indices[: n * batch_size].reshape(n, batch_size)
