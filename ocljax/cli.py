@@ -1,0 +1,177 @@
+"""Command line shared by every experiment module (``python -m experiments.NAME``).
+
+Settings come from the experiment's preset, then the flags, then ``--set key=value`` (static
+settings of the stream, model or learner, or a single value of a traced hyperparameter); traced
+hyperparameters are swept with ``--grid key=v1,v2,...`` (one compiled program for the grid).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+from ocljax import learners, streams
+from ocljax.errors import ConfigError, OCLError
+from ocljax.sweep import expand, parse_assignment, parse_value, request_cpu_devices
+
+STREAM_FIELDS = {f.name: f.default for f in dataclasses.fields(streams.StreamConfig)}
+
+
+def model_fields():
+    from ocljax.run.experiment import ModelConfig
+
+    return {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+
+
+def build_parser(prog: str, description: str, preset: dict) -> argparse.ArgumentParser:
+    """The argument parser, with the experiment's preset as defaults."""
+    p = argparse.ArgumentParser(prog=prog, description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--learner", help="comma-separated learners; NAME@STREAM overrides the "
+                   f"stream for one entry. Learners: {', '.join(sorted(learners.REGISTRY))}")
+    p.add_argument("--dataset", help="digits | synthetic | mnist | fashion_mnist")
+    p.add_argument("--stream", choices=streams.KINDS)
+    p.add_argument("--n-tasks", type=int, dest="n_tasks")
+    p.add_argument("--batch-size", type=int, dest="batch_size", help="incoming samples per step")
+    p.add_argument("--passes", type=int, help="training steps per incoming batch (mem_iters)")
+    p.add_argument("--task-free", action="store_true", dest="task_free", default=None,
+                   help="hide task ids and boundaries from the learner")
+    p.add_argument("--class-order", choices=("fixed", "random"), dest="class_order")
+    p.add_argument("--eval-every", type=int, dest="eval_every",
+                   help="steps between continual evaluations")
+    p.add_argument("--model", help="mlp | cnn | cnn_bn")
+    p.add_argument("--seeds", type=int, help="number of seeds (members per grid point)")
+    p.add_argument("--seed", type=int, help="first seed; member i uses seed + i")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="sweep a traced hyperparameter (repeatable; product of grids)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="set a static setting or a single hyperparameter value (repeatable)")
+    p.add_argument("--out", help="run directory to write (default: runs/NAME-TIMESTAMP)")
+    p.add_argument("--no-out", action="store_true", dest="no_out", help="write no run dir")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--data-dir", dest="data_dir",
+                   help="folder with the original IDX .gz files (default: $OCLJAX_DATA_DIR)")
+    p.add_argument("--devices", type=int, help="local devices to spread members over")
+    p.add_argument("--cpu-devices", type=int, dest="cpu_devices",
+                   help="virtual CPU devices to create (default: one per member, up to 8 per "
+                   "core; ignored when XLA_FLAGS already sets it)")
+    p.add_argument("--no-plots", action="store_true", dest="no_plots")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(**{k: v for k, v in preset.items() if k not in ("set", "grid")})
+    return p
+
+
+def parse_grid(entries: list[str]) -> dict[str, list[str]]:
+    """``["lr=0.1,0.3"]`` -> ``{"lr": ["0.1", "0.3"]}``."""
+    grid = {}
+    for text in entries:
+        key, values = parse_assignment(text, "--grid")
+        grid[key] = [v for v in values.split(",") if v]
+    return grid
+
+
+def plan(args, preset: dict):
+    """Turn parsed arguments into ``(dataset, [Variant])``; ``ConfigError`` on bad settings."""
+    from ocljax.run.experiment import ModelConfig, Variant
+
+    specs = [s.strip() for s in (args.learner or "").split(",") if s.strip()]
+    if not specs:
+        raise ConfigError("no learner given (--learner NAME[,NAME...])")
+    stream_base = {k: getattr(args, k) for k in STREAM_FIELDS if getattr(args, k, None) is not None}
+    stream_base["kind"] = args.stream or STREAM_FIELDS["kind"]
+    model_base = {"name": args.model} if args.model else {}
+    sets = [parse_assignment(t, "--set") for t in [*preset.get("set", []), *args.set]]
+    grid_text = parse_grid([*preset.get("grid", []), *args.grid])
+    if args.seeds is None or args.seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
+    seeds = [args.seed + i for i in range(args.seeds)]
+
+    used = set()
+    variants = []
+    for spec in specs:
+        name, _, kind = spec.partition("@")
+        module = learners.get(name)
+        cfg_fields = learners.config_fields(name)
+        hp_fields = learners.hparam_fields(name)
+        stream_kw, model_kw, cfg_kw, hp_kw = dict(stream_base), dict(model_base), {}, {}
+        if kind:
+            stream_kw["kind"] = kind
+        for key, text in sets:
+            for target, fields in ((stream_kw, STREAM_FIELDS), (model_kw, model_fields()),
+                                   (cfg_kw, cfg_fields), (hp_kw, hp_fields)):
+                if key in fields:
+                    target[key] = parse_value(key, text, fields[key])
+                    used.add(key)
+                    break
+        grid = {}
+        for key, values in grid_text.items():
+            if key in cfg_fields or key in STREAM_FIELDS:
+                raise ConfigError(
+                    f"{key} is a static setting (it changes shapes or control flow) and cannot "
+                    f"be swept with --grid; run one experiment per value with --set {key}=..."
+                )
+            if key not in hp_fields:
+                raise ConfigError(
+                    f"--grid {key}: not a traced hyperparameter of learner {name!r} "
+                    f"(it has: {', '.join(hp_fields)})"
+                )
+            grid[key] = [parse_value(key, v, hp_fields[key]) for v in values]
+            used.add(key)
+        stream_cfg = streams.StreamConfig(**stream_kw)
+        stream_cfg.check()
+        try:
+            cfg = module.Config(**cfg_kw)
+        except TypeError as err:
+            raise ConfigError(f"bad settings for {name}: {err}") from None
+        base = {**hp_fields, **hp_kw}
+        variants.append(Variant(spec, name, stream_cfg, cfg, ModelConfig(**model_kw),
+                                expand(grid, base, seeds)))
+        if hasattr(module, "check_config"):
+            module.check_config(cfg)
+    unknown = [k for k, _ in sets if k not in used]
+    if unknown:
+        known = sorted({*STREAM_FIELDS, *model_fields(),
+                        *(k for s in specs for k in learners.config_fields(s.partition("@")[0])),
+                        *(k for s in specs for k in learners.hparam_fields(s.partition("@")[0]))})
+        raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    return args.dataset, variants
+
+
+def main(argv: Sequence[str] | None = None, *, prog: str = "ocljax", description: str = "",
+         preset: dict | None = None) -> int:
+    """Run an experiment from command-line arguments; returns the process exit status."""
+    preset = {"seeds": 1, "seed": 0, "learner": "er", "dataset": "digits", **(preset or {})}
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(prog, description, preset).parse_args(argv)
+    try:
+        dataset, variants = plan(args, preset)
+        most = max(len(v.members) for v in variants)
+        request_cpu_devices(args.cpu_devices or min(most, 8 * (os.cpu_count() or 1)))
+        from ocljax.run.experiment import format_table, run_experiment
+
+        out = None if args.no_out else (
+            args.out or os.path.join("runs", f"{prog.split('.')[-1]}-{time.strftime('%Y%m%d-%H%M%S')}")
+        )
+        summary, path = run_experiment(
+            prog, dataset, variants, out=out, overwrite=args.overwrite, data_dir=args.data_dir,
+            n_devices=args.devices, quiet=args.quiet, plot=not args.no_plots,
+            command=[prog, *argv],
+        )
+    except OCLError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; no run directory was written", file=sys.stderr)
+        return 130
+    print(format_table(summary["groups"]))
+    if path is not None:
+        print(f"\nrun directory: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
