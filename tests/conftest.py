@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny data, models and learner configs so the suite fits a 2-core CI."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from ocljax import data, learners, models
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# Smallest sensible static settings for any learner config field of this name.
+TINY_CONFIG = {"buffer_size": 8, "replay_batch": 3}
+
+
+def tiny_learner(name: str, num_classes: int = 4):
+    """Learner ``name`` on a width-16 MLP with tiny buffers."""
+    module = learners.get(name)
+    fields = {f.name for f in dataclasses.fields(module.Config)}
+    cfg = module.Config(**{k: v for k, v in TINY_CONFIG.items() if k in fields})
+    return module, module.make(models.make_model("mlp", num_classes, width=16, depth=1), cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_ds():
+    """4 classes of 4x4x1 synthetic images, 24 train / 8 test per class."""
+    return data.synthetic.load(num_classes=4, train_per_class=24, test_per_class=8,
+                               shape=(4, 4, 1))
+
+
+@pytest.fixture
+def shared_data():
+    """The offline MNIST / Fashion-MNIST copies; tests using it skip where they are absent."""
+    if not (SHARED_DATA / "mnist").is_dir():
+        pytest.skip("../shared/data is not present on this machine")
+    return SHARED_DATA

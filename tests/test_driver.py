@@ -1,0 +1,147 @@
+"""The chunked-scan driver: sweep parity, chunking, compile-once, sharding, task-free."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_learner
+
+from ocljax import streams
+from ocljax.run import driver
+from ocljax.types import Learner, identity_prepare_eval
+
+CFG = streams.StreamConfig(kind="split", n_tasks=2, batch_size=4, eval_every=4,
+                           eval_per_task=8)
+
+
+def run(ds, name, seeds, lrs=None, **kw):
+    module, learner = tiny_learner(name)
+    lrs = lrs or [0.1] * len(seeds)
+    stream = streams.build(kw.pop("cfg", CFG), ds, seeds)
+    hps = [module.HParams(lr=lr) for lr in lrs]
+    return driver.run(learner, stream, ds, hps, seeds, n_devices=1, **kw)
+
+
+@pytest.mark.parametrize("name", ["finetune", "er"])
+def test_member_of_a_sweep_equals_a_single_run(tiny_ds, name):
+    sweep = run(tiny_ds, name, [5, 6, 7])
+    single = run(tiny_ds, name, [6])
+    np.testing.assert_allclose(sweep.acc[1], single.acc[0], atol=1e-6)
+    np.testing.assert_allclose(sweep.online_accuracy[1], single.online_accuracy[0], atol=1e-9)
+    np.testing.assert_allclose(sweep.block_loss[1], single.block_loss[0], rtol=1e-5)
+    # different seeds really differ
+    assert not np.allclose(sweep.block_loss[0], sweep.block_loss[1])
+
+
+def test_results_do_not_depend_on_chunking_and_compile_once(tiny_ds):
+    whole = run(tiny_ds, "er", [0, 1])
+    small = run(tiny_ds, "er", [0, 1], blocks_per_chunk=1)
+    assert small.trace_count == 1  # many chunks, one trace
+    n_chunks = len(small.eval_step) - 1
+    assert n_chunks > 3
+    np.testing.assert_allclose(whole.acc, small.acc, atol=1e-6)
+    np.testing.assert_allclose(whole.block_loss, small.block_loss, rtol=1e-5)
+
+
+def test_grid_over_traced_hparams_is_one_program(tiny_ds):
+    res = run(tiny_ds, "finetune", [0, 0, 0], lrs=[0.0, 0.05, 0.5])
+    assert res.trace_count == 1
+    # lr = 0 never learns: accuracy stays at the initial evaluation's
+    np.testing.assert_allclose(res.acc[0, -1], res.acc[0, 0])
+    assert not np.allclose(res.acc[1], res.acc[2])
+
+
+def test_accuracy_matrix_and_schedule(tiny_ds):
+    res = run(tiny_ds, "finetune", [0])
+    R = res.accuracy_matrix()
+    assert R.shape == (1, 2, 2)
+    assert res.total_steps == 2 * (48 // 4)
+    assert res.eval_step[-1] == res.total_steps
+    assert np.all(np.diff(res.eval_step) > 0)
+    assert 0 <= res.online_accuracy[0] <= 1
+
+
+class SpyState(NamedTuple):
+    steps: jnp.ndarray
+    fresh: jnp.ndarray
+    task_sum: jnp.ndarray
+    boundaries: jnp.ndarray
+
+
+def spy_learner():
+    """Records what the driver shows a learner."""
+
+    def init(key, x, hp):
+        z = jnp.zeros((), jnp.int32)
+        return SpyState(z, z, z, z)
+
+    def update(state, batch, hp, key):
+        new = SpyState(state.steps + 1, state.fresh + batch.fresh, state.task_sum + batch.task,
+                       state.boundaries + batch.boundary)
+        return new, {"loss": jnp.zeros(()), "stream_logits": jnp.zeros((batch.y.shape[0], 4))}
+
+    def predict(state, x, hp):
+        return jnp.zeros((x.shape[0], 4))
+
+    class HP(NamedTuple):
+        lr: float = 0.0
+
+    return Learner(init, update, predict, identity_prepare_eval, HP())
+
+
+@pytest.mark.parametrize("task_free", [False, True])
+def test_task_free_hides_boundaries_and_passes_repeat_batches(tiny_ds, task_free):
+    cfg = streams.StreamConfig(kind="split", n_tasks=2, batch_size=4, passes=3, eval_every=5,
+                               task_free=task_free)
+    stream = streams.build(cfg, tiny_ds, [0])
+    learner = spy_learner()
+    res = driver.run(learner, stream, tiny_ds, [learner.default_hparams], [0],
+                     task_free=task_free, n_devices=1, keep_state=True)
+    st = res.final_state
+    n_batches = 2 * (48 // 4)
+    assert int(st.steps[0]) == 3 * n_batches == res.total_steps  # padding steps never run
+    assert int(st.fresh[0]) == n_batches
+    if task_free:
+        assert int(st.task_sum[0]) == 0 and int(st.boundaries[0]) == 0
+    else:
+        assert int(st.task_sum[0]) == 3 * (48 // 4)  # task 1's steps
+        assert int(st.boundaries[0]) == 1
+
+
+SHARDED = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import jax, numpy as np
+from conftest import tiny_learner
+from ocljax import data, streams
+from ocljax.run import driver
+assert len(jax.local_devices()) == 8
+ds = data.synthetic.load(num_classes=4, train_per_class=24, test_per_class=8, shape=(4, 4, 1))
+cfg = streams.StreamConfig(kind="split", n_tasks=2, batch_size=4, eval_every=4)
+seeds = list(range(6))  # padded to 8 members on 8 devices
+out = {}
+for n in (1, 8):
+    module, learner = tiny_learner("er")
+    res = driver.run(learner, streams.build(cfg, ds, seeds), ds, [module.HParams()] * 6, seeds,
+                     n_devices=n)
+    out[n] = {"acc": res.acc.tolist(), "loss": res.block_loss.tolist()}
+print(json.dumps(out))
+"""
+
+
+def test_sharded_over_8_cpu_devices_equals_unsharded(tmp_path):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+           "JAX_PLATFORMS": "cpu"}
+    tests_dir = str(Path(__file__).parent)
+    proc = subprocess.run([sys.executable, "-c", SHARDED, tests_dir], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    np.testing.assert_allclose(out["8"]["acc"], out["1"]["acc"], atol=1e-6)
+    np.testing.assert_allclose(out["8"]["loss"], out["1"]["loss"], rtol=1e-5)

@@ -1,0 +1,90 @@
+"""Behaviour that makes ER and ER-NCM those methods."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from conftest import tiny_learner
+from test_learner_contract import B, batches, step_of
+
+from ocljax.learners import er_ncm
+from ocljax.memory import reservoir
+
+
+def test_er_writes_each_fresh_batch_once_and_before_the_next_read():
+    module, learner = tiny_learner("er")
+    hp, bs = module.HParams(), batches()
+    state = learner.init(jax.random.PRNGKey(0), bs.x[0], hp)
+    update = jax.jit(learner.update)
+    for i in range(3):
+        state, _ = update(state, step_of(bs, i), hp, jax.random.PRNGKey(i))
+        # batch i is pending; batches < i are in the reservoir
+        assert int(state.buffer.n_seen) == i * B
+    repeat = step_of(bs, 2)._replace(fresh=jnp.asarray(False))
+    state, _ = update(state, repeat, hp, jax.random.PRNGKey(9))  # a second pass over batch 2
+    state, _ = update(state, step_of(bs, 3), hp, jax.random.PRNGKey(10))
+    assert int(state.buffer.n_seen) == 3 * B  # the repeat was not stored again
+
+
+def test_er_first_step_with_empty_buffer_is_plain_sgd():
+    (fmod, finetune), (emod, er) = tiny_learner("finetune"), tiny_learner("er")
+    bs, key = batches(), jax.random.PRNGKey(1)
+    f = finetune.init(key, bs.x[0], fmod.HParams())
+    e = er.init(key, bs.x[0], emod.HParams())
+    f, fm = finetune.update(f, step_of(bs, 0), fmod.HParams(), key)
+    e, em = er.update(e, step_of(bs, 0), emod.HParams(), key)
+    jax.tree.map(np.testing.assert_allclose, f.params, e.net.params)
+    np.testing.assert_allclose(fm["loss"], em["loss"], rtol=1e-6)
+
+
+def test_er_replays_from_the_buffer():
+    module, learner = tiny_learner("er")
+    hp, bs = module.HParams(), batches()
+    state = learner.init(jax.random.PRNGKey(0), bs.x[0], hp)
+    for i in range(3):
+        state, _ = learner.update(state, step_of(bs, i), hp, jax.random.PRNGKey(i))
+    # with a non-empty buffer the loss differs from the stream-only loss
+    _, m_er = learner.update(state, step_of(bs, 3), hp, jax.random.PRNGKey(7))
+    empty = state._replace(buffer=reservoir.init(8, state.buffer.data))
+    _, m_empty = learner.update(empty._replace(pending_valid=jnp.zeros(B, bool)),
+                                step_of(bs, 3), hp, jax.random.PRNGKey(7))
+    assert not np.isclose(float(m_er["loss"]), float(m_empty["loss"]))
+
+
+def test_ncm_predicts_the_nearest_class_mean_of_buffer_features():
+    module, learner = tiny_learner("er_ncm")
+    hp, bs = module.HParams(), batches()
+    state = learner.init(jax.random.PRNGKey(0), bs.x[0], hp)
+    for i in range(4):
+        state, _ = learner.update(state, step_of(bs, i), hp, jax.random.PRNGKey(i))
+    prepared = learner.prepare_eval(state, hp, jax.random.PRNGKey(5))
+    assert bool(prepared.prepared) and not bool(state.prepared)
+    # brute force: embed the buffer, average normalised features per class, nearest mean
+    net, buf = prepared.er.net, prepared.er.buffer
+    apply = tiny_model_apply()
+    _, f_buf, _ = apply(net.params, net.model_state, buf.data["x"], False)
+    n = int(reservoir.size(buf))
+    f_buf, y_buf = np.asarray(f_buf)[:n], np.asarray(buf.data["y"])[:n]
+    f_buf = f_buf / np.maximum(np.linalg.norm(f_buf, axis=1, keepdims=True), 1e-12)
+    classes = sorted(set(y_buf.tolist()))
+    means = np.stack([f_buf[y_buf == c].mean(0) for c in classes])
+    means /= np.linalg.norm(means, axis=1, keepdims=True)
+    x = bs.x[5]
+    _, f_x, _ = apply(net.params, net.model_state, x, False)
+    f_x = np.asarray(f_x) / np.maximum(np.linalg.norm(np.asarray(f_x), axis=1, keepdims=True),
+                                       1e-12)
+    expected = np.array(classes)[np.argmin(((f_x[:, None] - means[None]) ** 2).sum(-1), axis=1)]
+    got = np.asarray(jnp.argmax(learner.predict(prepared, x, hp), -1))
+    np.testing.assert_array_equal(got, expected)
+
+
+def tiny_model_apply():
+    from ocljax import models
+
+    return models.make_model("mlp", 4, width=16, depth=1).apply
+
+
+def test_class_means_ignore_masked_rows():
+    f = jnp.array([[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]])
+    means, has = er_ncm.class_means(f, jnp.array([0, 1, 1]), jnp.array([True, True, False]), 3)
+    np.testing.assert_allclose(means[:2], [[1, 0], [0, 1]], atol=1e-6)
+    assert list(np.asarray(has)) == [True, True, False]

@@ -1,0 +1,124 @@
+"""Contract every registered learner must meet (parametrised over ``learners.REGISTRY``)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import tiny_learner
+
+from ocljax import learners
+from ocljax.types import Batch
+
+NAMES = sorted(learners.REGISTRY)
+B, K = 4, 6
+
+
+def batches(seed=0, n=K):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 255, size=(n, B, 4, 4, 1), dtype=np.uint8)
+    y = rng.integers(0, 4, size=(n, B)).astype(np.int32)
+    return Batch(
+        x=jnp.asarray(x), y=jnp.asarray(y),
+        task=jnp.asarray(np.arange(n) // 3, jnp.int32),
+        boundary=jnp.asarray(np.arange(n) % 3 == 0),
+        t=jnp.arange(n, dtype=jnp.int32),
+        fresh=jnp.ones((n,), bool),
+    )
+
+
+def step_of(stack, i):
+    return jax.tree.map(lambda a: a[i], stack)
+
+
+def run_loop(learner, hp, key, bs):
+    state = learner.init(key, bs.x[0], hp)
+    update = jax.jit(learner.update)
+    losses = []
+    for i in range(K):
+        state, m = update(state, step_of(bs, i), hp, jax.random.fold_in(key, i))
+        losses.append(m["loss"])
+    return state, jnp.stack(losses)
+
+
+def run_scan(learner, hp, key, bs):
+    state = learner.init(key, bs.x[0], hp)
+
+    def body(state, i_b):
+        i, b = i_b
+        state, m = learner.update(state, b, hp, jax.random.fold_in(key, i))
+        return state, m["loss"]
+
+    return jax.jit(lambda s: jax.lax.scan(body, s, (jnp.arange(K), bs)))(state)
+
+
+def assert_trees_close(a, b, **kw):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), **kw),
+                 a, b)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_module_shape(name):
+    module = learners.get(name)
+    assert module.__doc__ and "20" in module.__doc__, "docstring must cite the paper"
+    assert hasattr(module, "Config") and hasattr(module, "HParams") and hasattr(module, "make")
+    assert all(isinstance(v, float) for v in module.HParams())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_init_update_jit_keep_structure(name):
+    module, learner = tiny_learner(name)
+    hp, bs = module.HParams(), batches()
+    state = learner.init(jax.random.PRNGKey(0), bs.x[0], hp)
+    assert all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(state))
+    new, metrics = jax.jit(learner.update)(state, step_of(bs, 0), hp, jax.random.PRNGKey(1))
+    assert jax.tree.structure(new) == jax.tree.structure(state)
+    for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(state), strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype
+    assert np.isfinite(float(metrics["loss"]))
+    if "stream_logits" in metrics:
+        assert metrics["stream_logits"].shape == (B, 4)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_scan_equals_python_loop_and_is_deterministic(name):
+    module, learner = tiny_learner(name)
+    hp, bs, key = module.HParams(), batches(), jax.random.PRNGKey(2)
+    s_loop, l_loop = run_loop(learner, hp, key, bs)
+    s_scan, l_scan = run_scan(learner, hp, key, bs)
+    assert_trees_close(s_loop, s_scan, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(l_loop, l_scan, rtol=1e-5, atol=1e-6)
+    s_again, l_again = run_scan(learner, hp, key, bs)
+    assert_trees_close(s_scan, s_again, rtol=0, atol=0)
+    assert np.isfinite(np.asarray(l_scan)).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_vmap_over_members_equals_single_runs(name):
+    module, learner = tiny_learner(name)
+    hps = [module.HParams(lr=0.05), module.HParams(lr=0.2)]
+    keys = jax.random.split(jax.random.PRNGKey(3), 2)
+    bs = [batches(0), batches(1)]
+    hp_stack = jax.tree.map(lambda *v: jnp.asarray(v, jnp.float32), *hps)
+    bs_stack = jax.tree.map(lambda *v: jnp.stack(v), *bs)
+
+    def one(key, hp, b):
+        state = learner.init(key, b.x[0], hp)
+        for i in range(K):
+            state, _ = learner.update(state, step_of(b, i), hp, jax.random.fold_in(key, i))
+        return state
+
+    batched = jax.jit(jax.vmap(one))(keys, hp_stack, bs_stack)
+    for m in range(2):
+        single = jax.jit(one)(keys[m], jax.tree.map(jnp.float32, hps[m]), bs[m])
+        assert_trees_close(step_of(batched, m), single, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_prepare_eval_and_predict(name):
+    module, learner = tiny_learner(name)
+    hp, bs = module.HParams(), batches()
+    state, _ = run_scan(learner, hp, jax.random.PRNGKey(4), bs)
+    prepared = jax.jit(learner.prepare_eval)(state, hp, jax.random.PRNGKey(5))
+    logits = jax.jit(learner.predict)(prepared, bs.x[0], hp)
+    assert logits.shape == (B, 4)
+    assert not np.isnan(np.asarray(logits)).any()
