@@ -31,8 +31,10 @@ def build_parser(prog: str, description: str, preset: dict) -> argparse.Argument
     """The argument parser, with the experiment's preset as defaults."""
     p = argparse.ArgumentParser(prog=prog, description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--learner", help="comma-separated learners; NAME@STREAM overrides the "
-                   f"stream for one entry. Learners: {', '.join(sorted(learners.REGISTRY))}")
+    p.add_argument("--learner", help="comma-separated learners; NAME@split, NAME@permuted "
+                   "override the stream kind of one entry, NAME@iid trains it on the i.i.d. "
+                   "mixture of the stream (joint upper bound). Learners: "
+                   f"{', '.join(sorted(learners.REGISTRY))}")
     p.add_argument("--dataset", help="digits | synthetic | mnist | fashion_mnist")
     p.add_argument("--stream", choices=streams.KINDS)
     p.add_argument("--n-tasks", type=int, dest="n_tasks")
@@ -98,7 +100,9 @@ def plan(args, preset: dict):
         cfg_fields = learners.config_fields(name)
         hp_fields = learners.hparam_fields(name)
         stream_kw, model_kw, cfg_kw, hp_kw = dict(stream_base), dict(model_base), {}, {}
-        if kind:
+        if kind == "iid":
+            stream_kw["iid"] = True
+        elif kind:
             stream_kw["kind"] = kind
         for key, text in sets:
             for target, fields in ((stream_kw, STREAM_FIELDS), (model_kw, model_fields()),

@@ -107,7 +107,7 @@ class Program:
     def __init__(self, learner: Learner, stream: Stream, mesh, task_free: bool):
         self.learner, self.stream, self.mesh = learner, stream, mesh
         self.trace_count = 0
-        hide = task_free or stream.cfg.kind == "iid"
+        hide = task_free or stream.cfg.iid
         evaluate = partial(per_task_accuracy, learner, stream.transform, stream.eval_tasks,
                            stream.n_views, stream.n_tasks)
         n_tasks = stream.n_tasks
@@ -123,8 +123,10 @@ class Program:
                 idx_s, info = s
 
                 def do(st):
-                    x = stream.transform(aux, info.task, train_x[idx_s])
-                    y = train_y[idx_s]
+                    n = train_y.shape[0]
+                    view, sample = idx_s // n, idx_s % n  # virtual pool index -> view, sample
+                    x = stream.transform(aux, view, train_x[sample])
+                    y = train_y[sample]
                     batch = Batch(
                         x, y,
                         task=jnp.zeros_like(info.task) if hide else info.task,

@@ -45,7 +45,8 @@ def per_task_accuracy(
     def view(totals, v):
         def batch(totals, xym):
             xb, yb, mb = xym
-            logits = learner.predict(eval_state, transform(aux, v, xb), hp)
+            views = jnp.full(yb.shape, v, jnp.int32)
+            logits = learner.predict(eval_state, transform(aux, views, xb), hp)
             correct = (jnp.argmax(logits, -1) == yb) & mb
             task = jnp.where(mb, eval_tasks(aux, v, yb), -1)
             task = jnp.where(task < 0, n_tasks, task)  # an overflow segment for unused rows

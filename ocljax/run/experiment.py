@@ -182,7 +182,8 @@ def run_experiment(
         t0 = time.perf_counter()
         for v in variants:
             if not quiet:
-                print(f"{v.label}: {len(v.members)} member(s), {ds.name}, {v.stream.kind} stream",
+                kind = v.stream.kind + (" (i.i.d.)" if v.stream.iid else "")
+                print(f"{v.label}: {len(v.members)} member(s), {ds.name}, {kind} stream",
                       file=sys.stderr, flush=True)
             outs.append(run_variant(v, ds, n_devices, quiet, blocks_per_chunk))
         config = {

@@ -14,15 +14,22 @@ import numpy as np
 
 from ocljax.data.dataset import Dataset
 from ocljax.errors import ConfigError
-from ocljax.streams.stream import Stream, StreamConfig, batches, member_rng, stratified_subset
+from ocljax.streams.stream import (
+    Stream,
+    StreamConfig,
+    batches,
+    member_rng,
+    mix_tasks,
+    stratified_subset,
+)
 
 PERM_SALT, SHUFFLE_SALT = 21, 22
 
 
-def transform(aux, task, x):
-    """Apply task ``task``'s pixel permutation to ``x`` [B, H, W, C]."""
+def transform(aux, views, x):
+    """Apply each sample's task permutation: ``views`` [B] task ids, ``x`` [B, H, W, C]."""
     flat = x.reshape(x.shape[0], -1)
-    return jnp.take(flat, aux["perm"][task], axis=1).reshape(x.shape)
+    return jnp.take_along_axis(flat, aux["perm"][views], axis=1).reshape(x.shape)
 
 
 def eval_tasks(aux, view, y):
@@ -44,9 +51,11 @@ def build(cfg: StreamConfig, ds: Dataset, seeds: list[int]) -> Stream:
         prng = member_rng(seed, PERM_SALT)
         perms.append(np.stack([prng.permutation(dim) for _ in range(cfg.n_tasks)]))
         srng = member_rng(seed, SHUFFLE_SALT)
-        orders.append(np.concatenate(
-            [batches(srng.permutation(n_train)[:size], cfg.batch_size) for _ in range(cfg.n_tasks)]
-        ))
+        # virtual index task * N + i: pool sample i under task's permutation
+        per_task = [k * n_train + srng.permutation(n_train)[:size] for k in range(cfg.n_tasks)]
+        if cfg.iid:
+            per_task = mix_tasks(per_task, srng)
+        orders.append(np.concatenate([batches(p, cfg.batch_size) for p in per_task]))
     per_class = -(-cfg.test_per_task // ds.num_classes)
     return Stream(
         cfg=cfg,

@@ -18,6 +18,7 @@ from ocljax.streams.stream import (
     StreamConfig,
     batches,
     member_rng,
+    mix_tasks,
     stratified_subset,
 )
 
@@ -55,8 +56,8 @@ def task_sizes(cfg: StreamConfig, y: np.ndarray, num_classes: int) -> list[int]:
     return sizes
 
 
-def member_orders(cfg, ds: Dataset, orders: np.ndarray, seeds, sizes, shuffle_all=False):
-    """Each member's incoming batches [M, n_batches, B]. ``shuffle_all`` mixes all tasks'
+def member_orders(cfg, ds: Dataset, orders: np.ndarray, seeds, sizes):
+    """Each member's incoming batches [M, n_batches, B]; ``cfg.iid`` mixes all tasks'
     samples into one i.i.d. sequence (the joint upper bound), keeping the same length."""
     cpt = ds.num_classes // cfg.n_tasks
     out = []
@@ -66,10 +67,8 @@ def member_orders(cfg, ds: Dataset, orders: np.ndarray, seeds, sizes, shuffle_al
         for k, size in enumerate(sizes):
             pool = np.flatnonzero(np.isin(ds.train_y, order[k * cpt:(k + 1) * cpt]))
             per_task.append(rng.permutation(pool)[:size])
-        if shuffle_all:
-            mixed = rng.permutation(np.concatenate(per_task))
-            cuts = np.cumsum(sizes)[:-1]
-            per_task = np.split(mixed, cuts)
+        if cfg.iid:
+            per_task = mix_tasks(per_task, rng)
         out.append(np.concatenate([batches(p, cfg.batch_size) for p in per_task]))
     return np.stack(out).astype(np.int32)
 
@@ -80,13 +79,13 @@ def eval_tasks(aux, view, y):
     return aux["task_of_class"][y]
 
 
-def identity(aux, task, x):
+def identity(aux, views, x):
     """Split streams show the pool's inputs unchanged."""
-    del aux, task
+    del aux, views
     return x
 
 
-def build(cfg: StreamConfig, ds: Dataset, seeds: list[int], shuffle_all: bool = False) -> Stream:
+def build(cfg: StreamConfig, ds: Dataset, seeds: list[int]) -> Stream:
     """The class-incremental split stream of ``ds`` for members with the given seeds."""
     cfg.check()
     sizes = task_sizes(cfg, ds.train_y, ds.num_classes)
@@ -99,7 +98,7 @@ def build(cfg: StreamConfig, ds: Dataset, seeds: list[int], shuffle_all: bool = 
         cfg=cfg,
         n_tasks=cfg.n_tasks,
         task_batches=[s // cfg.batch_size for s in sizes],
-        orders=member_orders(cfg, ds, orders, seeds, sizes, shuffle_all),
+        orders=member_orders(cfg, ds, orders, seeds, sizes),
         aux={"task_of_class": task_of_class},
         transform=identity,
         eval_tasks=eval_tasks,

@@ -10,16 +10,17 @@ import numpy as np
 from ocljax.errors import ConfigError
 from ocljax.streams import schedule as schedule_lib
 
-KINDS = ("split", "permuted", "iid")
+KINDS = ("split", "permuted")
 
 
 @dataclass(frozen=True)
 class StreamConfig:
     """Static settings of a stream (changing them changes shapes, so recompiles).
 
-    kind: ``split`` (class-incremental), ``permuted`` (domain-incremental, one random pixel
-        permutation per task), ``iid`` (the split tasks' data shuffled together: joint upper
-        bound, evaluated on the same per-task test sets).
+    kind: ``split`` (class-incremental) or ``permuted`` (domain-incremental, one random pixel
+        permutation per task).
+    iid: shuffle all tasks' samples into one i.i.d. stream of the same length (the joint
+        upper bound), evaluated on the same per-task test sets, with no task structure shown.
     n_tasks; batch_size: incoming samples per step; passes: how many consecutive steps train on
         each incoming batch (``mem_iters`` in the OCL surveys); task_free: hide task ids and
         boundaries from the learner; class_order: ``fixed`` (0, 1, 2, ...) or ``random``
@@ -30,6 +31,7 @@ class StreamConfig:
     """
 
     kind: str = "split"
+    iid: bool = False
     n_tasks: int = 5
     batch_size: int = 10
     passes: int = 1
@@ -58,16 +60,18 @@ class StreamConfig:
 class Stream:
     """Host-side description of a stream for ``M`` members.
 
-    ``transform(aux_m, task, x)`` maps pool inputs to what task ``task`` shows (a pixel
-    permutation for ``permuted``); ``eval_tasks(aux_m, view, y)`` gives the task [N] each test
-    sample of evaluation view ``view`` counts towards (-1: none). Both are pure jnp functions of
-    one member's ``aux`` leaves.
+    ``orders`` index a *virtual* pool of ``n_views * N`` samples: entry ``v * N + i`` is pool
+    sample ``i`` as view ``v`` shows it (``permuted``: view = task, whose permutation applies),
+    so an i.i.d. mixture of tasks is just a shuffled order. ``transform(aux_m, views [B],
+    x [B, ...])`` applies the views; ``eval_tasks(aux_m, view, y)`` gives the task [N] each
+    test sample of evaluation view ``view`` counts towards (-1: none). Both are pure jnp
+    functions of one member's ``aux`` leaves.
     """
 
     cfg: StreamConfig
     n_tasks: int
     task_batches: list[int]
-    orders: np.ndarray  # [M, n_batches, B] int32 pool indices
+    orders: np.ndarray  # [M, n_batches, B] int32 indices into the virtual pool
     aux: dict[str, np.ndarray]  # leaves [M, ...]
     transform: Callable
     eval_tasks: Callable
@@ -106,6 +110,13 @@ def stratified_subset(y: np.ndarray, per_class: int, seed: int = 1234) -> np.nda
     rng = np.random.default_rng(seed)
     keep = [rng.permutation(np.flatnonzero(y == c))[:per_class] for c in np.unique(y)]
     return np.sort(np.concatenate(keep)).astype(np.int32)
+
+
+def mix_tasks(per_task: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
+    """Shuffle the samples of all tasks together and recut them into the same task lengths."""
+    sizes = [len(p) for p in per_task]
+    mixed = rng.permutation(np.concatenate(per_task))
+    return np.split(mixed, np.cumsum(sizes)[:-1])
 
 
 def batches(indices: np.ndarray, batch_size: int) -> np.ndarray:

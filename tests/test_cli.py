@@ -1,0 +1,99 @@
+"""Command-line runs end to end, and bad input: one clear message, exit 2, nothing written."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ocljax.cli import main
+
+TINY = ["--dataset", "synthetic", "--n-tasks", "2", "--set", "width=16", "--set", "depth=1",
+        "--set", "buffer_size=20", "--eval-every", "10", "--quiet"]
+
+
+def test_smoke_run_writes_a_complete_run_directory(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main([*TINY, "--learner", "finetune,er,finetune@iid", "--seeds", "2",
+                 "--out", str(out)], prog="test")
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "final acc" in printed and "±" in printed and "finetune@iid" in printed
+    for name in ("config.json", "members.json", "eval.jsonl", "summary.json", "summary.csv",
+                 "accuracy_matrix.png", "anytime_accuracy.png"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["members"]) == 6 and len(summary["groups"]) == 3
+    m = summary["members"][0]
+    for key in ("seed", "hparams", "final_average_accuracy", "average_anytime_accuracy",
+                "forgetting", "online_accuracy", "acc_matrix"):
+        assert key in m
+    assert set(summary["groups"][0]["final_average_accuracy"]) == {"mean", "std"}
+    config = json.loads((out / "config.json").read_text())
+    assert config["versions"]["jax"] and config["variants"][1]["learner_config"]["buffer_size"] == 20
+    evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
+    assert {e["kind"] for e in evals} == {"initial", "continual", "task_end"}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp leftovers
+
+
+def test_seed_offsets_and_grid(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main([*TINY, "--learner", "er", "--seeds", "3", "--seed", "10",
+                 "--grid", "lr=0.05,0.2", "--out", str(a)], prog="t") == 0
+    assert main([*TINY, "--learner", "er", "--seeds", "1", "--seed", "11",
+                 "--set", "lr=0.2", "--out", str(b)], prog="t") == 0
+    sweep = json.loads((a / "summary.json").read_text())
+    single = json.loads((b / "summary.json").read_text())["members"][0]
+    assert len(sweep["groups"]) == 2
+    member = [m for m in sweep["members"] if m["seed"] == 11 and m["hparams"]["lr"] == 0.2][0]
+    for key in ("final_average_accuracy", "online_accuracy", "acc_matrix"):
+        np.testing.assert_allclose(member[key], single[key], atol=1e-6)
+
+
+BAD = [
+    (["--learner", "nope"], "unknown learner 'nope'"),
+    (["--dataset", "cifar1000"], "unknown dataset"),
+    (["--set", "bufer_size=3"], "unknown setting"),
+    (["--set", "buffer_size=lots"], "bad value 'lots' for buffer_size"),
+    (["--set", "buffer_size"], "--set expects key=value"),
+    (["--grid", "buffer_size=10,20"], "static setting"),
+    (["--grid", "momentum=0.9"], "not a traced hyperparameter"),
+    (["--n-tasks", "3"], "cannot be split into 3"),
+    (["--batch-size", "1000"], "fewer than batch_size"),
+    (["--set", "buffer_size=0"], "buffer_size must be >= 1"),
+    (["--seeds", "0"], "--seeds must be >= 1"),
+    (["--set", "optimizer=adagrad"], "unknown optimizer"),
+    (["--model", "transformer"], "unknown model"),
+    (["--dataset", "mnist", "--data-dir", "/nonexistent/dir"], "does not exist"),
+]
+
+
+@pytest.mark.parametrize("extra, message", BAD)
+def test_bad_input_is_one_clear_error_and_writes_nothing(tmp_path, capsys, extra, message):
+    out = tmp_path / "run"
+    code = main([*TINY, "--learner", "er", *extra, "--out", str(out)], prog="t")
+    err = capsys.readouterr().err
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_existing_run_directory_needs_overwrite(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    assert main([*TINY, "--out", str(out)], prog="t") == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "precious"
+    assert main([*TINY, "--out", str(out), "--overwrite"], prog="t") == 0
+    assert (out / "summary.json").exists() and not (out / "keep.txt").exists()
+
+
+def test_module_entry_point_reports_errors_without_traceback(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.quickstart", "--learner", "gem", "--out",
+         str(tmp_path / "r")], capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "unknown learner 'gem'" in proc.stderr and "Traceback" not in proc.stderr

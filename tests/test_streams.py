@@ -1,0 +1,81 @@
+import numpy as np
+import pytest
+
+from ocljax import streams
+from ocljax.errors import ConfigError
+from ocljax.streams import schedule
+
+
+def test_split_tasks_hold_their_classes_and_use_every_sample(tiny_ds):
+    cfg = streams.StreamConfig(kind="split", n_tasks=2, batch_size=4)
+    st = streams.build(cfg, tiny_ds, [0, 1])
+    assert st.task_batches == [12, 12]
+    y = tiny_ds.train_y[st.orders]  # [M, n_batches, B]
+    assert set(np.unique(y[:, :12])) == {0, 1} and set(np.unique(y[:, 12:])) == {2, 3}
+    assert len(np.unique(st.orders[0])) == 96  # each training sample exactly once
+    assert not np.array_equal(st.orders[0], st.orders[1])  # per-seed sample order
+
+
+def test_random_class_order_is_per_seed_and_reproducible(tiny_ds):
+    cfg = streams.StreamConfig(kind="split", n_tasks=2, batch_size=4, class_order="random")
+    a = streams.build(cfg, tiny_ds, list(range(8)))
+    b = streams.build(cfg, tiny_ds, [3])
+    assert a.task_classes[3] == b.task_classes[0]
+    np.testing.assert_array_equal(a.orders[3], b.orders[0])  # independent of the other members
+    assert len({str(tc) for tc in a.task_classes}) > 1
+    for m, tc in enumerate(a.task_classes):
+        assert set(np.unique(tiny_ds.train_y[a.orders[m, :12]])) == set(tc[0])
+
+
+def test_permuted_stream_permutes_per_task(tiny_ds):
+    import jax.numpy as jnp
+
+    cfg = streams.StreamConfig(kind="permuted", n_tasks=3, batch_size=4, samples_per_task=40)
+    st = streams.build(cfg, tiny_ds, [0])
+    assert st.task_batches == [10, 10, 10] and st.n_views == 3
+    perm = st.aux["perm"][0]
+    assert all(sorted(p) == list(range(16)) for p in perm)
+    assert not np.array_equal(perm[0], perm[1])
+    x = tiny_ds.train_x[:2]
+    aux = {"perm": jnp.asarray(perm)}
+    out = np.asarray(st.transform(aux, jnp.array([1, 2]), jnp.asarray(x)))
+    np.testing.assert_array_equal(out[0].reshape(-1), x[0].reshape(-1)[perm[1]])
+    np.testing.assert_array_equal(out[1].reshape(-1), x[1].reshape(-1)[perm[2]])
+    n = len(tiny_ds.train_y)
+    assert (st.orders[0, :10] < n).all() and (st.orders[0, 10:20] // n == 1).all()
+    mixed = streams.build(streams.StreamConfig(**{**cfg.__dict__, "iid": True}), tiny_ds, [0])
+    assert len(np.unique(mixed.orders[0, :10] // n)) > 1  # tasks interleaved
+    assert sorted(mixed.orders[0].ravel()) == sorted(st.orders[0].ravel())
+
+
+def test_iid_stream_mixes_tasks_with_same_length(tiny_ds):
+    split = streams.build(streams.StreamConfig(kind="split", n_tasks=2, batch_size=4), tiny_ds, [0])
+    iid = streams.build(streams.StreamConfig(iid=True, n_tasks=2, batch_size=4), tiny_ds, [0])
+    assert iid.total_steps == split.total_steps
+    first = tiny_ds.train_y[iid.orders[0, :12]]
+    assert len(np.unique(first)) == 4  # all classes early on
+
+
+def test_schedule_blocks_align_task_ends_and_pad():
+    sch = schedule.build([5, 3], passes=2, eval_every=4)
+    # task 0: 10 steps -> 3 blocks (last padded), task 1: 6 steps -> 2 blocks
+    assert sch.n_blocks == 5 and sch.total_steps == 16
+    assert list(sch.eval_kind) == [1, 1, 2, 1, 2]
+    assert list(sch.end_step) == [4, 8, 10, 14, 16]
+    assert sch.steps.valid.sum() == 16
+    assert sch.steps.fresh.sum() == 8
+    assert list(sch.steps.t[sch.steps.valid]) == list(range(16))
+    chunks = list(schedule.chunks(sch, np.zeros((1, 8, 2), np.int32), blocks_per_chunk=2))
+    assert len(chunks) == 3 and chunks[-1].eval_kind.tolist() == [2, 0]
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"n_tasks": 3}, "cannot be split into 3"),
+    ({"batch_size": 100}, "fewer than batch_size"),
+    ({"kind": "rotated"}, "unknown stream"),
+    ({"eval_every": 0}, "eval_every must be >= 1"),
+    ({"class_order": "sorted"}, "class_order"),
+])
+def test_bad_stream_settings(tiny_ds, kw, message):
+    with pytest.raises(ConfigError, match=message):
+        streams.build(streams.StreamConfig(**{"n_tasks": 2, **kw}), tiny_ds, [0])
