@@ -157,8 +157,9 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "ocljax", description
         request_cpu_devices(args.cpu_devices or min(most, 8 * (os.cpu_count() or 1)))
         from ocljax.run.experiment import format_table, run_experiment
 
+        stamp = time.strftime("%Y%m%d-%H%M%S")
         out = None if args.no_out else (
-            args.out or os.path.join("runs", f"{prog.split('.')[-1]}-{time.strftime('%Y%m%d-%H%M%S')}")
+            args.out or os.path.join("runs", f"{prog.split('.')[-1]}-{stamp}")
         )
         summary, path = run_experiment(
             prog, dataset, variants, out=out, overwrite=args.overwrite, data_dir=args.data_dir,

@@ -31,7 +31,8 @@ def test_smoke_run_writes_a_complete_run_directory(tmp_path, capsys):
         assert key in m
     assert set(summary["groups"][0]["final_average_accuracy"]) == {"mean", "std"}
     config = json.loads((out / "config.json").read_text())
-    assert config["versions"]["jax"] and config["variants"][1]["learner_config"]["buffer_size"] == 20
+    assert config["versions"]["jax"]
+    assert config["variants"][1]["learner_config"]["buffer_size"] == 20
     evals = [json.loads(line) for line in (out / "eval.jsonl").read_text().splitlines()]
     assert {e["kind"] for e in evals} == {"initial", "continual", "task_end"}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp leftovers

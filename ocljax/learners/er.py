@@ -90,8 +90,9 @@ def update_state(model: Model, cfg: Config, state: State, batch: Batch, hp, key)
     return state, {"loss": loss, "stream_logits": logits[:n_stream]}
 
 
-def make(model: Model, cfg: Config = Config()) -> Learner:
+def make(model: Model, cfg: Config | None = None) -> Learner:
     """ER learner for ``model`` with a reservoir buffer of ``cfg.buffer_size`` rows."""
+    cfg = cfg or Config()
     check_config(cfg)
 
     def init(key, x, hp: HParams) -> State:

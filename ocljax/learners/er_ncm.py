@@ -60,8 +60,9 @@ def nearest_mean_logits(features: Array, means: Array, has_mean: Array) -> Array
     return jnp.where(has_mean[None], -d2, -jnp.inf)
 
 
-def make(model: Model, cfg: Config = Config()) -> Learner:
+def make(model: Model, cfg: Config | None = None) -> Learner:
     """ER-trained learner with NCM evaluation over its reservoir buffer."""
+    cfg = cfg or Config()
     er.check_config(cfg)
     C, F = model.num_classes, model.feature_dim
 

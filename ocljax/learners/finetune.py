@@ -28,8 +28,9 @@ class HParams(NamedTuple):
 State = NetState
 
 
-def make(model: Model, cfg: Config = Config()) -> Learner:
+def make(model: Model, cfg: Config | None = None) -> Learner:
     """Finetune learner for ``model``: one optimizer step per incoming batch."""
+    cfg = cfg or Config()
     optim.check(cfg.optimizer)
 
     def init(key, x, hp: HParams) -> State:

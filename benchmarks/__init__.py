@@ -1,0 +1,2 @@
+"""Benchmarks: ``python -m benchmarks.NAME``; each prints ratios against a baseline measured in
+the same run and writes JSON."""
