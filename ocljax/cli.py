@@ -40,8 +40,8 @@ def build_parser(prog: str, description: str, preset: dict) -> argparse.Argument
     p.add_argument("--n-tasks", type=int, dest="n_tasks")
     p.add_argument("--batch-size", type=int, dest="batch_size", help="incoming samples per step")
     p.add_argument("--passes", type=int, help="training steps per incoming batch (mem_iters)")
-    p.add_argument("--task-free", action="store_true", dest="task_free", default=None,
-                   help="hide task ids and boundaries from the learner")
+    p.add_argument("--task-free", action=argparse.BooleanOptionalAction, dest="task_free",
+                   default=None, help="hide task ids and boundaries from the learner")
     p.add_argument("--class-order", choices=("fixed", "random"), dest="class_order")
     p.add_argument("--eval-every", type=int, dest="eval_every",
                    help="steps between continual evaluations")

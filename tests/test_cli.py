@@ -98,3 +98,31 @@ def test_module_entry_point_reports_errors_without_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert "unknown learner 'gem'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_diverged_member_is_flagged_and_excluded(tmp_path):
+    out = tmp_path / "run"
+    i = TINY.index("buffer_size=20")
+    tiny = TINY[: i - 1] + TINY[i + 1:]  # finetune has no buffer
+    assert main([*tiny, "--learner", "finetune", "--seeds", "2", "--grid", "lr=0.1,1e30",
+                 "--out", str(out)], prog="t") == 0
+    summary = json.loads((out / "summary.json").read_text())
+    good, bad = summary["groups"]
+    assert good["n"] == 2 and good["n_diverged"] == 0
+    assert bad["n"] == 0 and bad["n_diverged"] == 2
+    assert bad["final_average_accuracy"]["mean"] is None
+    flagged = [m for m in summary["members"] if m["diverged"]]
+    assert len(flagged) == 2 and all(m["hparams"]["lr"] == 1e30 for m in flagged)
+    assert all(m["diverged_block"] is not None for m in flagged)
+
+
+def test_corrupt_data_file_is_named(tmp_path, capsys):
+    from test_data import write_idx
+
+    write_idx(tmp_path / "data" / "mnist")
+    out = tmp_path / "run"
+    code = main([*TINY, "--dataset", "mnist", "--data-dir", str(tmp_path / "data"),
+                 "--out", str(out)], prog="t")
+    err = capsys.readouterr().err
+    assert code == 2 and "train-images-idx3-ubyte.gz: sha256" in err
+    assert "Traceback" not in err and not out.exists()

@@ -122,3 +122,21 @@ def test_prepare_eval_and_predict(name):
     logits = jax.jit(learner.predict)(prepared, bs.x[0], hp)
     assert logits.shape == (B, 4)
     assert not np.isnan(np.asarray(logits)).any()
+
+
+def test_batchnorm_state_is_carried_through_updates():
+    from ocljax import models
+
+    model = models.make_model("cnn_bn", 4, width=8)
+    learner = learners.finetune.make(model)
+    hp, bs = learners.finetune.HParams(), batches()
+    state = learner.init(jax.random.PRNGKey(0), bs.x[0], hp)
+    assert "batch_stats" in state.model_state
+    new, _ = jax.jit(learner.update)(state, step_of(bs, 0), hp, jax.random.PRNGKey(1))
+    before = jax.tree.leaves(state.model_state)
+    after = jax.tree.leaves(new.model_state)
+    assert any(not np.allclose(a, b) for a, b in zip(before, after, strict=True))
+    # evaluation mode uses the running statistics: predictions do not depend on the batch
+    one = learner.predict(new, bs.x[1][:1], hp)
+    many = learner.predict(new, bs.x[1], hp)[:1]
+    np.testing.assert_allclose(one, many, rtol=1e-5, atol=1e-5)
