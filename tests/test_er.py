@@ -36,12 +36,18 @@ def test_er_first_step_with_empty_buffer_is_plain_sgd():
     np.testing.assert_allclose(fm["loss"], em["loss"], rtol=1e-6)
 
 
-def test_er_replays_from_the_buffer():
-    module, learner = tiny_learner("er")
+def trained(name, n_steps):
+    """A tiny learner after ``n_steps`` updates on the contract suite's batches."""
+    module, learner = tiny_learner(name)
     hp, bs = module.HParams(), batches()
     state = learner.init(jax.random.PRNGKey(0), bs.x[0], hp)
-    for i in range(3):
+    for i in range(n_steps):
         state, _ = learner.update(state, step_of(bs, i), hp, jax.random.PRNGKey(i))
+    return learner, hp, bs, state
+
+
+def test_er_replays_from_the_buffer():
+    learner, hp, bs, state = trained("er", 3)
     # with a non-empty buffer the loss differs from the stream-only loss
     _, m_er = learner.update(state, step_of(bs, 3), hp, jax.random.PRNGKey(7))
     empty = state._replace(buffer=reservoir.init(8, state.buffer.data))
@@ -51,11 +57,7 @@ def test_er_replays_from_the_buffer():
 
 
 def test_ncm_predicts_the_nearest_class_mean_of_buffer_features():
-    module, learner = tiny_learner("er_ncm")
-    hp, bs = module.HParams(), batches()
-    state = learner.init(jax.random.PRNGKey(0), bs.x[0], hp)
-    for i in range(4):
-        state, _ = learner.update(state, step_of(bs, i), hp, jax.random.PRNGKey(i))
+    learner, hp, bs, state = trained("er_ncm", 4)
     prepared = learner.prepare_eval(state, hp, jax.random.PRNGKey(5))
     assert bool(prepared.prepared) and not bool(state.prepared)
     # brute force: embed the buffer, average normalised features per class, nearest mean
