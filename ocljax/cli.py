@@ -16,7 +16,13 @@ from collections.abc import Sequence
 
 from ocljax import learners, streams
 from ocljax.errors import ConfigError, OCLError
-from ocljax.sweep import expand, parse_assignment, parse_value, request_cpu_devices
+from ocljax.sweep import (
+    enable_compilation_cache,
+    expand,
+    parse_assignment,
+    parse_value,
+    request_cpu_devices,
+)
 
 STREAM_FIELDS = {f.name: f.default for f in dataclasses.fields(streams.StreamConfig)}
 
@@ -155,6 +161,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "ocljax", description
         dataset, variants = plan(args, preset)
         most = max(len(v.members) for v in variants)
         request_cpu_devices(args.cpu_devices or min(most, 8 * (os.cpu_count() or 1)))
+        enable_compilation_cache()
         from ocljax.run.experiment import format_table, run_experiment
 
         stamp = time.strftime("%Y%m%d-%H%M%S")

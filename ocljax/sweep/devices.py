@@ -31,3 +31,21 @@ def devices_for(n_members: int, n_available: int) -> int:
     ``n_available`` allows, with the least padding (e.g. 5 members on 8 devices -> 5)."""
     per_device = -(-n_members // max(n_available, 1))
     return max(1, min(n_available, -(-n_members // per_device)))
+
+
+def enable_compilation_cache(path: str | None = None) -> str | None:
+    """Keep compiled programs on disk so a rerun of the same experiment skips compilation.
+
+    ``path`` defaults to ``$OCLJAX_CACHE_DIR`` or ``~/.cache/ocljax/jax``; ``OCLJAX_CACHE_DIR=``
+    (empty) turns the cache off. Returns the directory used, or None.
+    """
+    import jax
+
+    path = path if path is not None else os.environ.get(
+        "OCLJAX_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "ocljax", "jax")
+    )
+    if not path:
+        return None
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    return path
