@@ -28,9 +28,11 @@ STREAM_FIELDS = {f.name: f.default for f in dataclasses.fields(streams.StreamCon
 
 
 def model_fields():
+    """Model settings for ``--set``: ``model`` (the name), ``width``, ``depth``."""
     from ocljax.run.experiment import ModelConfig
 
-    return {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    fields = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
+    return {"model": fields.pop("name"), **fields}
 
 
 def build_parser(prog: str, description: str, preset: dict) -> argparse.ArgumentParser:
@@ -138,6 +140,8 @@ def plan(args, preset: dict):
         except TypeError as err:
             raise ConfigError(f"bad settings for {name}: {err}") from None
         base = {**hp_fields, **hp_kw}
+        if "model" in model_kw:
+            model_kw["name"] = model_kw.pop("model")
         variants.append(Variant(spec, name, stream_cfg, cfg, ModelConfig(**model_kw),
                                 expand(grid, base, seeds)))
         if hasattr(module, "check_config"):
