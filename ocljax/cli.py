@@ -181,7 +181,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "ocljax", description
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted; no run directory was written", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     print(format_table(summary["groups"]))
     if path is not None:

@@ -126,3 +126,24 @@ def test_corrupt_data_file_is_named(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "train-images-idx3-ubyte.gz: sha256" in err
     assert "Traceback" not in err and not out.exists()
+
+
+def test_interrupted_experiment_keeps_finished_variants(tmp_path, monkeypatch, capsys):
+    from ocljax.run import experiment
+
+    real, calls = experiment.driver.run, []
+
+    def interrupt_second(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(experiment.driver, "run", interrupt_second)
+    out = tmp_path / "run"
+    assert main([*TINY, "--learner", "er,er@iid", "--out", str(out)], prog="t") == 130
+    assert "marked incomplete" in capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] is False
+    assert {m["variant"] for m in summary["members"]} == {"er"}
+    assert json.loads((out / "config.json").read_text())["complete"] is False

@@ -61,28 +61,44 @@ def versions() -> dict[str, str]:
     return out
 
 
-def run_variant(
-    variant: Variant, ds: data.Dataset, n_devices: int | None, quiet: bool,
-    blocks_per_chunk: int | None = None,
-) -> VariantResult:
-    """Build the stream, model and learner of ``variant`` and run its members as one sweep."""
-    seeds = [m.seed for m in variant.members]
-    stream = streams.build(variant.stream, ds, seeds)
+@dataclass
+class Prepared:
+    """A variant with its stream, learner and per-member hyperparameters built (and checked)."""
+
+    variant: Variant
+    stream: streams.Stream
+    learner: object
+    hparams: list
+
+
+def prepare_variant(variant: Variant, ds: data.Dataset) -> Prepared:
+    """Build the stream, model and learner of ``variant``; raises ``ConfigError`` for bad
+    settings before anything is compiled."""
+    stream = streams.build(variant.stream, ds, [m.seed for m in variant.members])
     model = models.make_model(variant.model.name, ds.num_classes, variant.model.width,
                               variant.model.depth)
     module = learners.get(variant.learner)
     learner = module.make(model, variant.learner_config)
     hps = [module.HParams(**m.hparams) for m in variant.members]
+    return Prepared(variant, stream, learner, hps)
+
+
+def run_variant(
+    prep: Prepared, ds: data.Dataset, n_devices: int | None, quiet: bool,
+    blocks_per_chunk: int | None = None,
+) -> VariantResult:
+    """Run a prepared variant's members as one compiled sweep and compute their metrics."""
+    variant = prep.variant
+    seeds = [m.seed for m in variant.members]
     n = n_devices or devices_for(len(seeds), len(jax.local_devices()))
     progress = None if quiet else Progress(variant.label, variant.stream.batch_size * len(seeds))
     result = driver.run(
-        learner, stream, ds, hps, seeds, task_free=variant.stream.task_free, n_devices=n,
-        blocks_per_chunk=blocks_per_chunk, progress=progress,
+        prep.learner, prep.stream, ds, prep.hparams, seeds, task_free=variant.stream.task_free,
+        n_devices=n, blocks_per_chunk=blocks_per_chunk, progress=progress,
     )
     result.extra["devices"] = n
-    result.extra["task_classes"] = stream.task_classes
-    rows = results.member_metrics(result)
-    return VariantResult(variant, result, rows)
+    result.extra["task_classes"] = prep.stream.task_classes
+    return VariantResult(variant, result, results.member_metrics(result))
 
 
 def format_table(groups: list[dict]) -> str:
@@ -105,7 +121,8 @@ def format_table(groups: list[dict]) -> str:
 
 
 def write_run(
-    run_dir: results.RunDirectory, config: dict, outs: list[VariantResult], plot: bool
+    run_dir: results.RunDirectory, config: dict, outs: list[VariantResult], plot: bool,
+    complete: bool = True,
 ) -> dict:
     """Write config, members, evaluations, summaries and plots; returns the summary."""
     members, evals, index = [], [], 0
@@ -124,7 +141,7 @@ def write_run(
         for m in members
     ]
     groups = results.group_summary(summary_members)
-    summary = {"members": summary_members, "groups": groups}
+    summary = {"complete": complete, "members": summary_members, "groups": groups}
     run_dir.write_json("config.json", config)
     run_dir.write_json("members.json", [
         {k: m[k] for k in ("member", "variant", "learner", "seed", "hparams", "task_classes")}
@@ -165,53 +182,73 @@ def write_plots(run_dir: results.RunDirectory, outs: list[VariantResult], groups
                        lambda p: plots.anytime_curves(curves, task_ends, p))
 
 
+def run_config(name, dataset, ds, variants, outs, command, wall_s) -> dict:
+    """``config.json``: every setting of every variant, devices, timings and versions."""
+    return {
+        "experiment": name, "command": command, "dataset": dataset,
+        "dataset_source": ds.source,
+        "variants": [{
+            "label": v.label, "learner": v.learner, "stream": dataclasses.asdict(v.stream),
+            "learner_config": dataclasses.asdict(v.learner_config),
+            "model": dataclasses.asdict(v.model), "n_members": len(v.members),
+        } for v in variants],
+        "devices": [str(d) for d in jax.local_devices()],
+        "backend": jax.default_backend(),
+        "timing": {vr.variant.label: {"compile_s": vr.result.compile_s,
+                                      "run_s": vr.result.run_s,
+                                      "devices_used": vr.result.extra["devices"]}
+                   for vr in outs},
+        "wall_s": wall_s,
+        "complete": len(outs) == len(variants),
+        "versions": versions(),
+    }
+
+
 def run_experiment(
     name: str, dataset: str, variants: list[Variant], *, out: str | None, overwrite=False,
     data_dir=None, n_devices=None, quiet=False, plot=True, command=None,
     blocks_per_chunk: int | None = None,
 ) -> tuple[dict, Path | None]:
-    """Load ``dataset``, run every variant, print the table and write the run directory.
+    """Load ``dataset``, run every variant, and write the run directory.
 
-    The directory appears only when everything succeeded (see ``results.RunDirectory``).
-    Returns ``(summary, run_dir_path or None)``.
+    Every variant is built and checked before the first one runs, so bad settings leave no
+    directory. If a run is interrupted (or fails) after some variants finished, those are
+    written with ``"complete": false`` in ``config.json`` and ``summary.json`` before the
+    exception propagates. Returns ``(summary, run_dir_path or None)``.
     """
     run_dir = results.RunDirectory(out, overwrite) if out else None
     try:
         ds = data.load(dataset, data_dir)
-        outs = []
-        t0 = time.perf_counter()
-        for v in variants:
-            if not quiet:
-                kind = v.stream.kind + (" (i.i.d.)" if v.stream.iid else "")
-                print(f"{v.label}: {len(v.members)} member(s), {ds.name}, {kind} stream",
-                      file=sys.stderr, flush=True)
-            outs.append(run_variant(v, ds, n_devices, quiet, blocks_per_chunk))
-        config = {
-            "experiment": name, "command": command, "dataset": dataset,
-            "dataset_source": ds.source,
-            "variants": [{
-                "label": v.label, "learner": v.learner, "stream": dataclasses.asdict(v.stream),
-                "learner_config": dataclasses.asdict(v.learner_config),
-                "model": dataclasses.asdict(v.model), "n_members": len(v.members),
-            } for v in variants],
-            "devices": [str(d) for d in jax.local_devices()],
-            "backend": jax.default_backend(),
-            "timing": {vr.variant.label: {"compile_s": vr.result.compile_s,
-                                          "run_s": vr.result.run_s,
-                                          "devices_used": vr.result.extra["devices"]}
-                       for vr in outs},
-            "wall_s": time.perf_counter() - t0,
-            "versions": versions(),
-        }
-        if run_dir is not None:
-            summary = write_run(run_dir, config, outs, plot)
-            path = run_dir.commit()
-        else:
-            rows = [{"variant": vr.variant.label, "hparams": m.hparams, **row}
-                    for vr in outs for m, row in zip(vr.variant.members, vr.rows, strict=True)]
-            summary, path = {"members": rows, "groups": results.group_summary(rows)}, None
+        prepared = [prepare_variant(v, ds) for v in variants]
     except BaseException:
         if run_dir is not None:
             run_dir.abort()
         raise
-    return summary, path
+    outs: list[VariantResult] = []
+    t0 = time.perf_counter()
+    try:
+        for prep in prepared:
+            v = prep.variant
+            if not quiet:
+                kind = v.stream.kind + (" (i.i.d.)" if v.stream.iid else "")
+                print(f"{v.label}: {len(v.members)} member(s), {ds.name}, {kind} stream",
+                      file=sys.stderr, flush=True)
+            outs.append(run_variant(prep, ds, n_devices, quiet, blocks_per_chunk))
+    except BaseException:
+        if run_dir is not None and outs:
+            config = run_config(name, dataset, ds, variants, outs, command,
+                                time.perf_counter() - t0)
+            write_run(run_dir, config, outs, plot, complete=False)
+            path = run_dir.commit()
+            print(f"{name}: stopped; the {len(outs)} finished variant(s) are in {path} "
+                  "(marked incomplete)", file=sys.stderr)
+        elif run_dir is not None:
+            run_dir.abort()
+        raise
+    config = run_config(name, dataset, ds, variants, outs, command, time.perf_counter() - t0)
+    if run_dir is not None:
+        summary = write_run(run_dir, config, outs, plot)
+        return summary, run_dir.commit()
+    rows = [{"variant": vr.variant.label, "hparams": m.hparams, **row}
+            for vr in outs for m, row in zip(vr.variant.members, vr.rows, strict=True)]
+    return {"members": rows, "groups": results.group_summary(rows)}, None
