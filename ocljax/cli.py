@@ -189,5 +189,10 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "ocljax", description
     return 0
 
 
-if __name__ == "__main__":
+def entry_point() -> None:
+    """The ``ocljax`` console script."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry_point()
