@@ -80,7 +80,9 @@ def parse_grid(entries: list[str]) -> dict[str, list[str]]:
     grid = {}
     for text in entries:
         key, values = parse_assignment(text, "--grid")
-        grid[key] = [v for v in values.split(",") if v]
+        grid[key] = [v.strip() for v in values.split(",") if v.strip()]
+        if not grid[key]:
+            raise ConfigError(f"--grid {key}: no values given")
     return grid
 
 
@@ -98,6 +100,10 @@ def plan(args, preset: dict):
     grid_text = parse_grid([*preset.get("grid", []), *args.grid])
     if args.seeds is None or args.seeds < 1:
         raise ConfigError(f"--seeds must be >= 1, got {args.seeds}")
+    if args.seed is None or args.seed < 0 or args.seed + args.seeds > 2**31:
+        raise ConfigError(
+            f"seeds must lie in [0, 2**31): got --seed {args.seed} with --seeds {args.seeds}"
+        )
     seeds = [args.seed + i for i in range(args.seeds)]
 
     used = set()

@@ -101,8 +101,8 @@ def test_task_free_hides_boundaries_and_passes_repeat_batches(tiny_ds, task_free
                                task_free=task_free)
     stream = streams.build(cfg, tiny_ds, [0])
     learner = spy_learner()
-    res = driver.run(learner, stream, tiny_ds, [learner.default_hparams], [0],
-                     task_free=task_free, n_devices=1, keep_state=True)
+    res = driver.run(learner, stream, tiny_ds, [learner.default_hparams], [0], n_devices=1,
+                     keep_state=True)
     st = res.final_state
     n_batches = 2 * (48 // 4)
     assert int(st.steps[0]) == 3 * n_batches == res.total_steps  # padding steps never run

@@ -21,8 +21,10 @@ def test_er_writes_each_fresh_batch_once_and_before_the_next_read():
         assert int(state.buffer.n_seen) == i * B
     repeat = step_of(bs, 2)._replace(fresh=jnp.asarray(False))
     state, _ = update(state, repeat, hp, jax.random.PRNGKey(9))  # a second pass over batch 2
+    assert int(state.buffer.n_seen) == 2 * B  # a repeat never replays its own batch
+    state, _ = update(state, repeat, hp, jax.random.PRNGKey(8))  # a third pass
     state, _ = update(state, step_of(bs, 3), hp, jax.random.PRNGKey(10))
-    assert int(state.buffer.n_seen) == 3 * B  # the repeat was not stored again
+    assert int(state.buffer.n_seen) == 3 * B  # batch 2 written once, at the next fresh step
 
 
 def test_er_first_step_with_empty_buffer_is_plain_sgd():
@@ -90,3 +92,20 @@ def test_class_means_ignore_masked_rows():
     means, has = er_ncm.class_means(f, jnp.array([0, 1, 1]), jnp.array([True, True, False]), 3)
     np.testing.assert_allclose(means[:2], [[1, 0], [0, 1]], atol=1e-6)
     assert list(np.asarray(has)) == [True, True, False]
+
+
+def test_er_masked_replay_rows_leave_batchnorm_statistics_alone():
+    from ocljax import learners, models
+
+    model = models.make_model("cnn_bn", 4, width=8)
+    er = learners.er.make(model, learners.er.Config(buffer_size=8, replay_batch=B))
+    ft = learners.finetune.make(model)
+    bs, key = batches(), jax.random.PRNGKey(1)
+    e = er.init(key, bs.x[0], learners.er.HParams())
+    f = ft.init(key, bs.x[0], learners.finetune.HParams())
+    e, em = er.update(e, step_of(bs, 0), learners.er.HParams(), key)  # empty buffer
+    f, fm = ft.update(f, step_of(bs, 0), learners.finetune.HParams(), key)
+    np.testing.assert_allclose(em["stream_logits"], fm["stream_logits"], rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(e.net.model_state), jax.tree.leaves(f.model_state),
+                    strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -51,6 +51,11 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"buffer_size must be >= 1, got {cfg.buffer_size}")
     if cfg.replay_batch < 1:
         raise ConfigError(f"replay_batch must be >= 1, got {cfg.replay_batch}")
+    if cfg.replay_batch > cfg.buffer_size:
+        raise ConfigError(
+            f"replay_batch={cfg.replay_batch} rows cannot be drawn without replacement from a "
+            f"buffer of {cfg.buffer_size}"
+        )
     optim.check(cfg.optimizer)
 
 
@@ -65,27 +70,49 @@ def init_state(model: Model, cfg: Config, key, x, hp) -> State:
     )
 
 
-def flush(state: State, key) -> State:
-    """Write the pending batch into the buffer (used before evaluating from the buffer)."""
-    buffer = reservoir.add(state.buffer, state.pending, key, state.pending_valid)
-    return state._replace(buffer=buffer, pending_valid=jnp.zeros_like(state.pending_valid))
+def flush(state: State, key, when=True) -> State:
+    """Write the pending batch into the buffer if ``when`` (a traced bool is fine)."""
+    write = state.pending_valid & when
+    buffer = reservoir.add(state.buffer, state.pending, key, write)
+    return state._replace(buffer=buffer, pending_valid=state.pending_valid & ~write)
+
+
+def replay_rows(buffer, key, n: int, stream: dict) -> tuple[dict, Array]:
+    """``n`` rows drawn without replacement from ``buffer`` and their mask [n].
+
+    While the buffer holds fewer than ``n`` rows, the missing ones are copies of stream rows:
+    they are masked out of the loss, but unlike zero rows they leave BatchNorm's batch
+    statistics those of real data (exactly the stream-only statistics when the buffer is
+    empty and ``n`` equals the stream batch size).
+    """
+    rows, mask = reservoir.sample(buffer, key, n)
+    b = stream["y"].shape[0]
+    filler = jax.tree.map(lambda a: a[jnp.arange(n) % b], stream)
+    pick = lambda r, f: jnp.where(mask.reshape(-1, *([1] * (r.ndim - 1))), r, f)  # noqa: E731
+    return jax.tree.map(pick, rows, filler), mask
 
 
 def update_state(model: Model, cfg: Config, state: State, batch: Batch, hp, key):
-    """One ER step: write the pending batch, replay, train on stream + replay rows."""
+    """One ER step: write the pending batch, replay, train on stream + replay rows.
+
+    A batch is written once, at the first fresh step after it arrived; its repeat passes
+    (``batch.fresh`` False) replay only earlier batches, as in the surveys' ``mem_iters``.
+    """
     k_write, k_read = jax.random.split(key)
-    state = flush(state, k_write)
-    replay, replay_mask = reservoir.sample(state.buffer, k_read, cfg.replay_batch)
+    state = flush(state, k_write, batch.fresh)
+    stream = {"x": batch.x, "y": batch.y}
+    replay, replay_mask = replay_rows(state.buffer, k_read, cfg.replay_batch, stream)
     x = jnp.concatenate([batch.x, replay["x"]])
     y = jnp.concatenate([batch.y, replay["y"]])
     mask = jnp.concatenate([jnp.ones_like(batch.y, bool), replay_mask])
     net, loss, logits = cross_entropy_step(model, cfg.optimizer, state.net, x, y, mask, hp.lr)
     n_stream = batch.y.shape[0]
+    keep = lambda new, old: jnp.where(batch.fresh, new, old)  # noqa: E731
     state = State(
         net=net,
         buffer=state.buffer,
-        pending={"x": batch.x, "y": batch.y},
-        pending_valid=jnp.broadcast_to(batch.fresh, (n_stream,)),
+        pending=jax.tree.map(keep, stream, state.pending),
+        pending_valid=keep(jnp.ones((n_stream,), bool), state.pending_valid),
     )
     return state, {"loss": loss, "stream_logits": logits[:n_stream]}
 

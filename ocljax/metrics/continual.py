@@ -32,7 +32,11 @@ def average_anytime_accuracy(acc, eval_task) -> np.ndarray:
     """AAA = (1/E') sum_e anytime_accuracy[e] over the E' evaluations made during training:
     accuracy on the seen tasks averaged over the whole stream, so a method that is only good at
     task ends scores lower (Caccia et al. 2022, "New Insights on Reducing Abrupt Representation
-    Change in Online Continual Learning", Sec. 5, "AAA"; Koh et al. 2022, "A_AUC")."""
+    Change in Online Continual Learning", Sec. 5, "AAA"; Koh et al. 2022, "A_AUC").
+
+    Evaluations are weighted equally; the driver spaces them ``eval_every`` steps apart except
+    the last one of each task, which falls on the task's end, so this approximates the area
+    under the anytime-accuracy curve (A_AUC) rather than integrating it exactly."""
     a = anytime_accuracy(acc, eval_task)
     return a[..., np.asarray(eval_task) >= 0].mean(-1)
 

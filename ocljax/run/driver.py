@@ -104,10 +104,10 @@ def default_blocks_per_chunk(stream: Stream, target_steps: int = 2000) -> int:
 class Program:
     """The compiled pieces of a run for one learner, stream layout and member count."""
 
-    def __init__(self, learner: Learner, stream: Stream, mesh, task_free: bool):
+    def __init__(self, learner: Learner, stream: Stream, mesh):
         self.learner, self.stream, self.mesh = learner, stream, mesh
         self.trace_count = 0
-        hide = task_free or stream.cfg.iid
+        hide = stream.cfg.task_free or stream.cfg.iid
         evaluate = partial(per_task_accuracy, learner, stream.transform, stream.eval_tasks,
                            stream.n_views, stream.n_tasks)
         n_tasks = stream.n_tasks
@@ -207,7 +207,6 @@ def run(
     hparams: Sequence,
     seeds: Sequence[int],
     *,
-    task_free: bool = False,
     n_devices: int | None = None,
     blocks_per_chunk: int | None = None,
     eval_batch: int = 1000,
@@ -217,7 +216,8 @@ def run(
     """Train ``len(seeds)`` members through ``stream`` and evaluate them continually.
 
     hparams: one learner HParams per member; seeds: one seed per member (the stream must have
-    been built for the same seeds, in the same order). Members are spread over ``n_devices``
+    been built for the same seeds, in the same order). Task ids and boundaries are hidden from
+    the learner when the stream is ``task_free`` or ``iid``. Members are spread over ``n_devices``
     local devices (all by default), padded to a multiple of the device count.
     """
     M = len(seeds)
@@ -233,7 +233,7 @@ def run(
     put_m = partial(jax.device_put, device=member_sh)
     put_s = partial(jax.device_put, device=shared_sh)
 
-    program = Program(learner, stream, mesh, task_free)
+    program = Program(learner, stream, mesh)
     hp = put_m(pad_members(stack_members(hparams), Mp))
     keys = put_m(pad_members(np.stack([np.asarray(jax.random.PRNGKey(s)) for s in seeds]), Mp))
     aux = put_m(pad_members(stream.aux, Mp))

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from ocljax import data, learners, models, streams
+from ocljax.errors import ConfigError
 from ocljax.run import driver, plots, results
 from ocljax.run.progress import Progress
 from ocljax.streams.schedule import EVAL_TASK_END
@@ -29,6 +30,11 @@ class ModelConfig:
     name: str = "mlp"
     width: int = 256
     depth: int = 2
+
+    def __post_init__(self):
+        for key in ("width", "depth"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
 
 
 @dataclass
@@ -93,8 +99,8 @@ def run_variant(
     n = n_devices or devices_for(len(seeds), len(jax.local_devices()))
     progress = None if quiet else Progress(variant.label, variant.stream.batch_size * len(seeds))
     result = driver.run(
-        prep.learner, prep.stream, ds, prep.hparams, seeds, task_free=variant.stream.task_free,
-        n_devices=n, blocks_per_chunk=blocks_per_chunk, progress=progress,
+        prep.learner, prep.stream, ds, prep.hparams, seeds, n_devices=n,
+        blocks_per_chunk=blocks_per_chunk, progress=progress,
     )
     result.extra["devices"] = n
     result.extra["task_classes"] = prep.stream.task_classes
@@ -247,8 +253,12 @@ def run_experiment(
         raise
     config = run_config(name, dataset, ds, variants, outs, command, time.perf_counter() - t0)
     if run_dir is not None:
-        summary = write_run(run_dir, config, outs, plot)
-        return summary, run_dir.commit()
+        try:
+            summary = write_run(run_dir, config, outs, plot)
+            return summary, run_dir.commit()
+        except BaseException:
+            run_dir.abort()
+            raise
     rows = [{"variant": vr.variant.label, "hparams": m.hparams, **row}
             for vr in outs for m, row in zip(vr.variant.members, vr.rows, strict=True)]
     return {"members": rows, "groups": results.group_summary(rows)}, None

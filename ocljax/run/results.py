@@ -154,6 +154,8 @@ class RunDirectory:
 
     def __init__(self, out: str | os.PathLike, overwrite: bool = False):
         self.out = Path(out).resolve()
+        if self.out.exists() and not self.out.is_dir():
+            raise ConfigError(f"{self.out} exists and is not a directory")
         if self.out.exists() and not overwrite:
             raise ConfigError(f"{self.out} already exists; pass --overwrite to replace it")
         try:
