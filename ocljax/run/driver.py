@@ -112,9 +112,8 @@ class Program:
                            stream.n_views, stream.n_tasks)
         n_tasks = stream.n_tasks
 
-        def member_chunk(state, hp, key, aux, idx, steps, eval_kind, block_task, end_step, pools):
+        def member_chunk(state, hp, key, aux, idx, steps, eval_kind, end_step, pools):
             self.trace_count += 1  # Python side effect: counts traces, not executions
-            del block_task
             train_x, train_y, full, cont = pools
             step_key, eval_key = jax.random.fold_in(key, 1), jax.random.fold_in(key, 2)
 
@@ -171,12 +170,12 @@ class Program:
 
         member = P(AXIS)
         shared = P()
-        chunk = jax.vmap(member_chunk, in_axes=(0, 0, 0, 0, 0, None, None, None, None, None))
+        # state, hp, key, aux, idx are per member; the schedule and the pools are shared.
+        chunk = jax.vmap(member_chunk, in_axes=(0, 0, 0, 0, 0, None, None, None, None))
         self.chunk = jax.jit(
             jax.shard_map(
                 chunk, mesh=mesh, check_vma=False,
-                in_specs=(member, member, member, member, member, shared, shared, shared, shared,
-                          shared),
+                in_specs=(member,) * 5 + (shared,) * 4,
                 out_specs=(member, member, member, member),
             ),
             donate_argnums=(0,),
@@ -255,10 +254,8 @@ def run(
 
     def chunk_args(state, chunk):
         idx = put_m(pad_members(chunk.idx, Mp))
-        steps, kind, task, end = put_s(
-            (chunk.steps, chunk.eval_kind, chunk.block_task, chunk.end_step)
-        )
-        return (state, hp, keys, aux, idx, steps, kind, task, end, pools)
+        steps, kind, end = put_s((chunk.steps, chunk.eval_kind, chunk.end_step))
+        return (state, hp, keys, aux, idx, steps, kind, end, pools)
 
     first = next(gen)
     compiled = program.chunk.lower(*chunk_args(state, first)).compile()
