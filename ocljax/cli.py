@@ -95,7 +95,8 @@ def plan(args, preset: dict):
         raise ConfigError("no learner given (--learner NAME[,NAME...])")
     stream_base = {k: getattr(args, k) for k in STREAM_FIELDS if getattr(args, k, None) is not None}
     stream_base["kind"] = args.stream or STREAM_FIELDS["kind"]
-    model_base = {"name": args.model} if args.model else {}
+    model_settings = model_fields()
+    model_base = {"model": args.model} if args.model else {}
     sets = [parse_assignment(t, "--set") for t in [*preset.get("set", []), *args.set]]
     grid_text = parse_grid([*preset.get("grid", []), *args.grid])
     if args.seeds is None or args.seeds < 1:
@@ -119,7 +120,7 @@ def plan(args, preset: dict):
         elif kind:
             stream_kw["kind"] = kind
         for key, text in sets:
-            for target, fields in ((stream_kw, STREAM_FIELDS), (model_kw, model_fields()),
+            for target, fields in ((stream_kw, STREAM_FIELDS), (model_kw, model_settings),
                                    (cfg_kw, cfg_fields), (hp_kw, hp_fields)):
                 if key in fields:
                     target[key] = parse_value(key, text, fields[key])
@@ -154,7 +155,7 @@ def plan(args, preset: dict):
             module.check_config(cfg)
     unknown = [k for k, _ in sets if k not in used]
     if unknown:
-        known = sorted({*STREAM_FIELDS, *model_fields(),
+        known = sorted({*STREAM_FIELDS, *model_settings,
                         *(k for s in specs for k in learners.config_fields(s.partition("@")[0])),
                         *(k for s in specs for k in learners.hparam_fields(s.partition("@")[0]))})
         raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(known)}")

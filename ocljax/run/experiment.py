@@ -15,7 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from ocljax import data, learners, models, streams
+from ocljax import data, learners, metrics, models, streams
 from ocljax.errors import ConfigError
 from ocljax.run import driver, plots, results
 from ocljax.run.progress import Progress
@@ -168,7 +168,7 @@ def write_plots(run_dir: results.RunDirectory, outs: list[VariantResult], groups
         r = vr.result
         keys = [json.dumps(m.hparams, sort_keys=True) for m in vr.variant.members]
         ok = ~np.array([row["diverged"] for row in vr.rows])
-        anytime = results.metrics.anytime_accuracy(r.acc, r.eval_task)
+        anytime = metrics.anytime_accuracy(r.acc, r.eval_task)
         for key in dict.fromkeys(keys):
             sel = np.array([k == key for k in keys]) & ok
             if not sel.any():
