@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from ocljax import learners, streams
 from ocljax.errors import ConfigError, OCLError
+from ocljax.precision import PRECISIONS
 from ocljax.sweep import (
     enable_compilation_cache,
     expand,
@@ -28,11 +29,16 @@ STREAM_FIELDS = {f.name: f.default for f in dataclasses.fields(streams.StreamCon
 
 
 def model_fields():
-    """Model settings for ``--set``: ``model`` (the name), ``width``, ``depth``."""
+    """Model settings for ``--set``: ``model`` (the name), ``width``, ``depth``.
+
+    The values are what ``parse_value`` parses against: ``width`` and ``depth`` default to
+    ``None`` (the model's own default) but are set as ints.
+    """
     from ocljax.run.experiment import ModelConfig
 
     fields = {f.name: f.default for f in dataclasses.fields(ModelConfig)}
-    return {"model": fields.pop("name"), **fields}
+    typed = {key: 0 if value is None else value for key, value in fields.items()}
+    return {"model": typed.pop("name"), **typed}
 
 
 def build_parser(prog: str, description: str, preset: dict) -> argparse.ArgumentParser:
@@ -53,7 +59,10 @@ def build_parser(prog: str, description: str, preset: dict) -> argparse.Argument
     p.add_argument("--class-order", choices=("fixed", "random"), dest="class_order")
     p.add_argument("--eval-every", type=int, dest="eval_every",
                    help="steps between continual evaluations")
-    p.add_argument("--model", help="mlp | cnn | cnn_bn")
+    p.add_argument("--model", help="mlp | cnn | cnn_bn | resnet18")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="matmul precision: float32 (default), tf32 (GPU TensorFloat-32) or "
+                   "bf16 (bfloat16 compute, float32 parameters)")
     p.add_argument("--seeds", type=int, help="number of seeds (members per grid point)")
     p.add_argument("--seed", type=int, help="first seed; member i uses seed + i")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
@@ -97,6 +106,8 @@ def plan(args, preset: dict):
     stream_base["kind"] = args.stream or STREAM_FIELDS["kind"]
     model_settings = model_fields()
     model_base = {"model": args.model} if args.model else {}
+    if args.precision:
+        model_base["precision"] = args.precision
     sets = [parse_assignment(t, "--set") for t in [*preset.get("set", []), *args.set]]
     grid_text = parse_grid([*preset.get("grid", []), *args.grid])
     if args.seeds is None or args.seeds < 1:

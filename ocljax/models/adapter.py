@@ -9,10 +9,11 @@ from ocljax.types import Array, Model
 
 
 def to_float(x: Array) -> Array:
-    """Map pool inputs to float32: uint8 images to [0, 1], floats unchanged."""
+    """Map pool inputs to floats: integer (uint8) images to float32 in [0, 1]; floating inputs
+    keep their dtype (bfloat16 under ``ocljax.precision``'s ``bf16``)."""
     if jnp.issubdtype(x.dtype, jnp.integer):
         return x.astype(jnp.float32) / 255.0
-    return x.astype(jnp.float32)
+    return x
 
 
 def from_linen(module: nn.Module, num_classes: int, feature_dim: int) -> Model:

@@ -17,6 +17,8 @@ The training pool and the test subsets are uploaded once; the host sends only in
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from ocljax import precision as precision_lib
 from ocljax.data.dataset import Dataset
 from ocljax.errors import ConfigError
 from ocljax.run.evaluation import EvalPool, make_pool, per_task_accuracy
@@ -199,6 +202,87 @@ class Program:
         ))
 
 
+HEADROOM = 0.9  # fraction of a device's memory a sweep may plan to use
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes one device needs for a sweep, from XLA's analysis of the compiled chunk.
+
+    The model: each device holds its members' states (``state_per_member`` bytes each), one
+    copy of the shared data (training pool and test subsets, ``shared``), and the chunk
+    program's temporaries and per-chunk inputs/outputs, which grow with the members per device
+    (evaluation activations are bounded by the evaluation batch). ``per_member`` is everything
+    but ``shared``, divided by the members on the device.
+    """
+
+    members_per_device: int
+    state_per_member: int
+    shared: int
+    program: int  # arguments + outputs + temporaries - aliased (donated) bytes, per device
+    limit: int | None  # bytes available on one device (None: unknown)
+
+    @property
+    def per_device(self) -> int:
+        return self.program
+
+    @property
+    def per_member(self) -> int:
+        return max(0, self.program - self.shared) // max(self.members_per_device, 1)
+
+    def max_members_per_device(self, headroom: float = HEADROOM) -> int | None:
+        if self.limit is None:
+            return None
+        return int(max(0, self.limit * headroom - self.shared) // max(self.per_member, 1))
+
+    def fits(self, headroom: float = HEADROOM) -> bool:
+        return self.limit is None or self.per_device <= self.limit * headroom
+
+    def describe(self) -> str:
+        hb = human_bytes
+        limit = f" of {hb(self.limit)} available" if self.limit else ""
+        return (f"memory: {hb(self.per_member)}/member (state {hb(self.state_per_member)}), "
+                f"shared data {hb(self.shared)}; {hb(self.per_device)} per device for "
+                f"{self.members_per_device} member(s){limit}")
+
+
+def human_bytes(n: int) -> str:
+    """``n`` bytes as KiB / MiB / GiB with three significant digits."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n} B"
+
+
+def device_memory_limit(device) -> int | None:
+    """Bytes one device may allocate: the allocator's limit on GPU/TPU; on CPU, the host's
+    physical memory shared by all local (virtual) CPU devices."""
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 - backends without memory stats
+        stats = None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    if device.platform == "cpu":
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return None
+        return total // max(len(jax.local_devices(backend="cpu")), 1)
+    return None
+
+
+def tree_bytes(tree) -> int:
+    return int(sum(np.prod(a.shape) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(tree)))
+
+
+def default_eval_batch(members_per_device: int, rows_per_device: int = 2**19) -> int:
+    """Test samples per evaluation batch: 1,000, fewer when many members share a device so
+    that one evaluation batch holds at most ``rows_per_device`` member-rows (the evaluation
+    activations are then bounded whatever the sweep size). Results do not depend on it."""
+    return int(max(1, min(1000, rows_per_device // max(members_per_device, 1))))
+
+
 def run(
     learner: Learner,
     stream: Stream,
@@ -208,9 +292,12 @@ def run(
     *,
     n_devices: int | None = None,
     blocks_per_chunk: int | None = None,
-    eval_batch: int = 1000,
+    eval_batch: int | None = None,
+    precision: str = "float32",
     progress: Callable[[int, int, float], None] | None = None,
+    log: Callable[[str], None] | None = None,
     keep_state: bool = False,
+    memory_limit: int | None = None,
 ) -> RunResult:
     """Train ``len(seeds)`` members through ``stream`` and evaluate them continually.
 
@@ -218,6 +305,13 @@ def run(
     been built for the same seeds, in the same order). Task ids and boundaries are hidden from
     the learner when the stream is ``task_free`` or ``iid``. Members are spread over ``n_devices``
     local devices (all by default), padded to a multiple of the device count.
+
+    Before anything is allocated, the chunk program is compiled and its memory plan (see
+    ``MemoryPlan``) checked against the device memory (or ``memory_limit`` bytes per device):
+    a sweep that cannot fit raises ``ConfigError`` saying how many members would. ``log``
+    receives the plan and other one-line notes. ``precision`` is one of
+    ``ocljax.precision.PRECISIONS``; the learner's model must have been cast with
+    ``precision.cast_model`` for ``bf16``.
     """
     M = len(seeds)
     if len(hparams) != M or stream.n_members != M:
@@ -225,40 +319,68 @@ def run(
             f"{M} seeds, {len(hparams)} hyperparameter sets and a stream for "
             f"{stream.n_members} members: they must match"
         )
+    with precision_lib.matmul_precision(precision):
+        return _run(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chunk,
+                    eval_batch, progress, log or (lambda msg: None), keep_state, memory_limit)
+
+
+def _run(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chunk, eval_batch,
+         progress, log, keep_state, memory_limit) -> RunResult:
+    M = len(seeds)
     mesh = local_mesh(n_devices)
     D = mesh.devices.size
     Mp = -(-M // D) * D
     member_sh, shared_sh = NamedSharding(mesh, P(AXIS)), NamedSharding(mesh, P())
     put_m = partial(jax.device_put, device=member_sh)
     put_s = partial(jax.device_put, device=shared_sh)
+    eval_batch = eval_batch or default_eval_batch(Mp // D)
 
+    t0 = time.perf_counter()
     program = Program(learner, stream, mesh)
     hp = put_m(pad_members(stack_members(hparams), Mp))
     keys = put_m(pad_members(np.stack([np.asarray(jax.random.PRNGKey(s)) for s in seeds]), Mp))
     aux = put_m(pad_members(stream.aux, Mp))
     # The training pool and test subsets go to the device once.
-    pools = put_s((
+    host_pools = (
         dataset.train_x, dataset.train_y,
         make_pool(dataset.test_x[stream.eval_full], dataset.test_y[stream.eval_full], eval_batch),
         make_pool(dataset.test_x[stream.eval_continual], dataset.test_y[stream.eval_continual],
                   eval_batch),
-    ))
-    full_pool: EvalPool = pools[2]
+    )
     example_x = put_s(dataset.train_x[: stream.cfg.batch_size])
-
-    t0 = time.perf_counter()
-    state = program.init(keys, hp, example_x)
-    acc0 = program.initial_eval(state, hp, keys, aux, full_pool)
     bpc = blocks_per_chunk or default_blocks_per_chunk(stream)
     gen = stream.chunks(bpc)
+    first = next(gen)
 
-    def chunk_args(state, chunk):
+    # Compile against the abstract state and check the memory plan before allocating.
+    abstract = jax.eval_shape(program.init, keys, hp, example_x)
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=member_sh), abstract)
+    abstract_pools = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shared_sh), host_pools)
+
+    def chunk_args(state, chunk, pools):
         idx = put_m(pad_members(chunk.idx, Mp))
         steps, kind, end = put_s((chunk.steps, chunk.eval_kind, chunk.end_step))
         return (state, hp, keys, aux, idx, steps, kind, end, pools)
 
-    first = next(gen)
-    compiled = program.chunk.lower(*chunk_args(state, first)).compile()
+    compiled = program.chunk.lower(*chunk_args(abstract, first, abstract_pools)).compile()
+    plan = memory_plan(compiled, abstract, host_pools, Mp, D, memory_limit, mesh)
+    log(plan.describe())
+    if not plan.fits():
+        most = plan.max_members_per_device()
+        hb = human_bytes
+        raise ConfigError(
+            f"this sweep does not fit: {M} member(s) need {hb(plan.per_device)} on each of "
+            f"{D} device(s) but a device has {hb(plan.limit)} "
+            f"({hb(plan.per_member)} per member, {hb(plan.shared)} shared data); at most "
+            f"{most * D} member(s) fit on {D} device(s) - run fewer members, more devices, "
+            f"or a smaller model, buffer or evaluation batch"
+        )
+    pools = put_s(host_pools)
+    full_pool: EvalPool = pools[2]
+    state = program.init(keys, hp, example_x)
+    acc0 = program.initial_eval(state, hp, keys, aux, full_pool)
     compile_s = time.perf_counter() - t0
 
     t1 = time.perf_counter()
@@ -266,7 +388,7 @@ def run(
     correct_total = None
     chunk = first
     while chunk is not None:
-        state, correct, accs, losses = compiled(*chunk_args(state, chunk))
+        state, correct, accs, losses = compiled(*chunk_args(state, chunk, pools))
         outputs.append((accs, losses))
         ends.append(chunk)
         correct_total = correct if correct_total is None else correct_total + correct
@@ -300,7 +422,38 @@ def run(
         run_s=run_s,
         trace_count=program.trace_count,
         final_state=jax.tree.map(lambda a: a[:M], state) if keep_state else None,
+        extra={"memory": dataclasses.asdict(plan) | {"per_member": plan.per_member},
+               "eval_batch": eval_batch, "flops_per_chunk": chunk_flops(compiled)},
     )
 
 
-__all__ = ["EVAL_CONTINUAL", "EVAL_TASK_END", "Program", "RunResult", "local_mesh", "run"]
+def memory_plan(compiled, abstract_state, host_pools, Mp: int, D: int, limit: int | None,
+                mesh) -> MemoryPlan:
+    """The ``MemoryPlan`` of a compiled chunk (see there)."""
+    ma = compiled.memory_analysis()
+    program = None
+    if ma is not None:
+        program = (ma.argument_size_in_bytes + ma.output_size_in_bytes
+                   + ma.temp_size_in_bytes - ma.alias_size_in_bytes)
+    shared = tree_bytes(host_pools)
+    state = tree_bytes(abstract_state) // Mp
+    if not program:  # no analysis on this backend: count what is known
+        program = shared + state * (Mp // D)
+    if limit is None:
+        limit = device_memory_limit(mesh.devices.flat[0])
+    return MemoryPlan(Mp // D, state, shared, int(program), limit)
+
+
+def chunk_flops(compiled) -> float | None:
+    """FLOPs of one compiled chunk on one device according to XLA's cost analysis."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - not every backend implements it
+        return None
+    if isinstance(cost, list):
+        cost = cost[0] if cost else None
+    return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+__all__ = ["EVAL_CONTINUAL", "EVAL_TASK_END", "MemoryPlan", "Program", "RunResult", "local_mesh",
+           "run"]

@@ -15,7 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from ocljax import data, learners, metrics, models, streams
+from ocljax import data, learners, metrics, models, precision, streams
 from ocljax.errors import ConfigError
 from ocljax.run import driver, plots, results
 from ocljax.run.progress import Progress
@@ -25,16 +25,21 @@ from ocljax.sweep import Member, devices_for
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Static model settings: ``name`` in ``ocljax.models.MODELS``, hidden ``width``, ``depth``."""
+    """Static model settings: ``name`` in ``ocljax.models.MODELS``, ``width`` and ``depth``
+    (``None``: the model's own default; see ``ocljax.models.make_model``), and the matmul
+    ``precision`` (``ocljax.precision.PRECISIONS``)."""
 
     name: str = "mlp"
-    width: int = 256
-    depth: int = 2
+    width: int | None = None
+    depth: int | None = None
+    precision: str = "float32"
 
     def __post_init__(self):
+        precision.check(self.precision)
         for key in ("width", "depth"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key} must be >= 1, got {getattr(self, key)}")
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"{key} must be >= 1, got {value}")
 
 
 @dataclass
@@ -83,6 +88,7 @@ def prepare_variant(variant: Variant, ds: data.Dataset) -> Prepared:
     stream = streams.build(variant.stream, ds, [m.seed for m in variant.members])
     model = models.make_model(variant.model.name, ds.num_classes, variant.model.width,
                               variant.model.depth)
+    model = precision.cast_model(model, variant.model.precision)
     module = learners.get(variant.learner)
     learner = module.make(model, variant.learner_config)
     hps = [module.HParams(**m.hparams) for m in variant.members]
@@ -100,7 +106,8 @@ def run_variant(
     progress = None if quiet else Progress(variant.label, variant.stream.batch_size * len(seeds))
     result = driver.run(
         prep.learner, prep.stream, ds, prep.hparams, seeds, n_devices=n,
-        blocks_per_chunk=blocks_per_chunk, progress=progress,
+        blocks_per_chunk=blocks_per_chunk, progress=progress, precision=variant.model.precision,
+        log=None if quiet else (lambda msg: print(f"[{variant.label}] {msg}", flush=True)),
     )
     result.extra["devices"] = n
     result.extra["task_classes"] = prep.stream.task_classes
