@@ -35,6 +35,21 @@ def cross_entropy_step(
         logits, _, model_state = model.apply(params, net.model_state, x, True)
         return cross_entropy(logits, y, mask), (logits, model_state)
 
+    if optimizer == "sgd":
+        # Plain SGD, w <- w - lr * grad, with the learning rate applied to the loss's
+        # cotangent (a [N, C] array) rather than to the gradient: the update is then
+        # ``w + dot(h^T, delta)``, which XLA fuses into the weight-gradient matmul (on GPU a
+        # GEMM with beta = 1), so each weight is read and written once per step and the
+        # gradient is never materialised. Same rule as optax.sgd up to rounding order
+        # (``sgd_optax`` keeps the optax path; tests compare the two).
+        def scaled(params):
+            loss, aux = loss_fn(params)
+            return -lr * loss, (loss, aux)
+
+        (_, (loss, (logits, model_state))), steps = jax.value_and_grad(scaled, has_aux=True)(
+            net.params)
+        params = jax.tree.map(lambda p, d: p + d, net.params, steps)
+        return NetState(params, model_state, net.opt_state), loss, logits
     (loss, (logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(net.params)
     tx = optim.build(optimizer, lr)
     updates, opt_state = tx.update(grads, net.opt_state, net.params)

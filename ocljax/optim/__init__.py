@@ -6,16 +6,22 @@ import optax
 
 from ocljax.errors import ConfigError
 
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adam", "sgd_optax")
 
 
 def build(name: str, lr) -> optax.GradientTransformation:
     """The optimizer ``name`` with learning rate ``lr`` (a traced scalar is fine).
 
+    ``sgd`` and ``sgd_optax`` are the same rule, ``w - lr * grad``; learners built on
+    ``ocljax.learners.supervised`` apply ``sgd`` with the learning rate folded into the loss
+    (see ``cross_entropy_step``: it lets XLA fuse the update into the gradient matmul) and
+    ``sgd_optax`` through this optax transformation, the reference the fused path is tested
+    and benchmarked against.
+
     Build it inside traced code from the member's hyperparameters, never store it in a
     static config: the optimizer *state* of sgd and adam does not depend on ``lr``.
     """
-    if name == "sgd":
+    if name in ("sgd", "sgd_optax"):
         return optax.sgd(lr)
     if name == "adam":
         return optax.adam(lr)

@@ -13,6 +13,9 @@ The training pool and the test subsets are uploaded once; the host sends only in
 ``k = PRNGKey(s)``; its initial state uses ``fold_in(k, 0)``, step ``t`` uses
 ``fold_in(fold_in(k, 1), t)`` and the evaluation after step ``t`` uses
 ``fold_in(fold_in(k, 2), t)``, so results depend neither on chunking nor on the other members.
+
+Diagnostics: with ``OCLJAX_DUMP_HLO=DIR`` set, each run writes its optimized chunk program
+(``compiled.as_text()``) to ``DIR/chunk_m{members}_d{devices}.hlo.txt``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +43,17 @@ from ocljax.streams.stream import Stream
 from ocljax.types import Batch, Learner
 
 AXIS = "members"
+
+
+def shard_map(f, *, mesh, in_specs, out_specs):
+    """``jax.shard_map`` without replication checks (``jax.experimental.shard_map`` on JAX
+    releases older than 0.7, which some accelerator images still ship)."""
+    if hasattr(jax, "shard_map"):
+        return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                             check_vma=False)
+    from jax.experimental.shard_map import shard_map as legacy
+
+    return legacy(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
 
 
 @dataclass
@@ -176,8 +191,8 @@ class Program:
         # state, hp, key, aux, idx are per member; the schedule and the pools are shared.
         chunk = jax.vmap(member_chunk, in_axes=(0, 0, 0, 0, 0, None, None, None, None))
         self.chunk = jax.jit(
-            jax.shard_map(
-                chunk, mesh=mesh, check_vma=False,
+            shard_map(
+                chunk, mesh=mesh,
                 in_specs=(member,) * 5 + (shared,) * 4,
                 out_specs=(member, member, member, member),
             ),
@@ -187,8 +202,8 @@ class Program:
         def member_init(key, hp, example_x):
             return learner.init(jax.random.fold_in(key, 0), example_x, hp)
 
-        self.init = jax.jit(jax.shard_map(
-            jax.vmap(member_init, in_axes=(0, 0, None)), mesh=mesh, check_vma=False,
+        self.init = jax.jit(shard_map(
+            jax.vmap(member_init, in_axes=(0, 0, None)), mesh=mesh,
             in_specs=(member, member, shared), out_specs=member,
         ))
 
@@ -196,8 +211,8 @@ class Program:
             return evaluate(state, hp, jax.random.fold_in(jax.random.fold_in(key, 2), 0), aux,
                             pool)
 
-        self.initial_eval = jax.jit(jax.shard_map(
-            jax.vmap(member_eval, in_axes=(0, 0, 0, 0, None)), mesh=mesh, check_vma=False,
+        self.initial_eval = jax.jit(shard_map(
+            jax.vmap(member_eval, in_axes=(0, 0, 0, 0, None)), mesh=mesh,
             in_specs=(member, member, member, member, shared), out_specs=member,
         ))
 
@@ -365,6 +380,10 @@ def _run(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chunk, 
         return (state, hp, keys, aux, idx, steps, kind, end, pools)
 
     compiled = program.chunk.lower(*chunk_args(abstract, first, abstract_pools)).compile()
+    if os.environ.get("OCLJAX_DUMP_HLO"):  # diagnostics: the optimized chunk program
+        dump = Path(os.environ["OCLJAX_DUMP_HLO"])
+        dump.mkdir(parents=True, exist_ok=True)
+        (dump / f"chunk_m{M}_d{D}.hlo.txt").write_text(compiled.as_text())
     plan = memory_plan(compiled, abstract, host_pools, Mp, D, memory_limit, mesh)
     log(plan.describe())
     if not plan.fits():
