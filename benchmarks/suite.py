@@ -56,10 +56,15 @@ HBM_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}  # vendor pe
 # ----------------------------------------------------------------------------- the job list
 
 
-def plan(gpu: bool, quick: bool, sections) -> list[dict]:
-    """The suite's jobs for a GPU or CPU host; each is a dict a worker can run alone."""
+def plan(gpu: bool, quick: bool, sections, data_dir: str | None = None) -> list[dict]:
+    """The suite's jobs for a GPU or CPU host; each is a dict a worker can run alone.
+
+    With ``data_dir`` holding MNIST, the MLP rows train on real split-MNIST (same shapes as
+    the synthetic stream), so their accuracies mean something.
+    """
     pool = 12_000 if quick else 60_000
     jobs = []
+    real = {"dataset": "mnist", "data_dir": data_dir} if data_dir else {}
 
     def add(section, name, **kw):
         if section in sections:
@@ -67,8 +72,9 @@ def plan(gpu: bool, quick: bool, sections) -> list[dict]:
 
     add("peak", "gemm_peak", kind="peak")
     add("torch", "torch_mlp", kind="torch", model="mlp", samples=pool,
-        max_samples=(pool if not gpu else min(pool, 20_000)))
-    mlp = {"kind": "driver", "model": "mlp", "samples": pool}
+        max_samples=(pool if not gpu else min(pool, 20_000)), **real)
+    # Evaluation at task ends only, like the PyTorch loop; one row adds continual evaluation.
+    mlp = {"kind": "driver", "model": "mlp", "samples": pool, "eval_every": 0, **real}
     if gpu:
         counts = [1, 64, 256] if quick else [1, 16, 64, 256, 1024, 2048, 4096]
     else:
@@ -77,6 +83,9 @@ def plan(gpu: bool, quick: bool, sections) -> list[dict]:
         add("members", f"er_mlp_m{m}", members=m, **mlp)
     if not gpu and not quick:
         add("members", "er_mlp_m32_one_device", members=32, devices=1, **mlp)
+    m_cont = (256 if quick else 1024) if gpu else 4
+    add("members", f"er_mlp_m{m_cont}_continual_eval", members=m_cont,
+        **{**mlp, "eval_every": 100})
     m_prec = (256 if quick else 1024) if gpu else 4
     for prec in ("float32", "tf32", "bf16") if gpu else ("float32", "bf16"):
         add("precision", f"er_mlp_m{m_prec}_{prec}", members=m_prec, precision=prec, **mlp)
@@ -121,9 +130,13 @@ def cpu_devices_for(job: dict) -> int:
 # ----------------------------------------------------------------------------- the workers
 
 
-def mlp_dataset(samples: int, shape=(28, 28, 1), test_per_class: int = 1000):
+def mlp_dataset(samples: int, shape=(28, 28, 1), test_per_class: int = 1000,
+                dataset: str | None = None, data_dir: str | None = None):
+    """Synthetic class-prototype images (or, with ``dataset``, that real dataset)."""
     from ocljax import data
 
+    if dataset:
+        return data.load(dataset, data_dir)
     return data.synthetic.load(num_classes=10, train_per_class=samples // 10,
                                test_per_class=test_per_class, shape=tuple(shape), noise=60.0)
 
@@ -133,7 +146,7 @@ def stream_config(job: dict):
 
     return streams.StreamConfig(
         kind=job.get("stream", "split"), n_tasks=job.get("n_tasks", 5), batch_size=10,
-        task_free=True, eval_every=job.get("eval_every", 100),
+        task_free=True, eval_every=job.get("eval_every", 0),
         eval_per_task=job.get("eval_per_task", 500),
     )
 
@@ -147,7 +160,7 @@ def run_driver(job: dict) -> dict:
     from ocljax.sweep import devices_for
 
     ds = mlp_dataset(job["samples"], job.get("shape", (28, 28, 1)),
-                     job.get("test_per_class", 1000))
+                     job.get("test_per_class", 1000), job.get("dataset"), job.get("data_dir"))
     cfg = stream_config(job)
     prec = job.get("precision", "float32")
     model = precision.cast_model(models.make_model(job["model"], 10), prec)
@@ -182,7 +195,7 @@ def run_torch(job: dict) -> dict:
     from ocljax import streams
 
     ds = mlp_dataset(job["samples"], job.get("shape", (28, 28, 1)),
-                     job.get("test_per_class", 1000))
+                     job.get("test_per_class", 1000), job.get("dataset"), job.get("data_dir"))
     st = streams.build(stream_config(job), ds, [0])
     ends = set(np.cumsum(st.task_batches).tolist())
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -376,6 +389,8 @@ def main(argv=None) -> int:
     p.add_argument("--sections", help=f"comma-separated subset of {', '.join(SECTIONS)}")
     p.add_argument("--out", default="bench_results", help="directory for suite.json and PNG")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per worker process")
+    p.add_argument("--data-dir", help="directory with MNIST (e.g. ../shared/data): the MLP rows "
+                   "then train on real split-MNIST instead of synthetic data")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -395,14 +410,16 @@ def main(argv=None) -> int:
     kind = jax.devices()[0].device_kind
     out_dir = Path(args.out).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    jobs = plan(gpu, args.quick, sections)
+    data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else None
+    jobs = plan(gpu, args.quick, sections, data_dir)
     bw = next((v for k, v in HBM_BYTES_PER_S.items() if k in kind), None) if gpu else None
     ctx = {"torch": {}, "hbm_bytes_per_s": bw}
     meta = {"benchmark": "ocljax suite", "quick": args.quick, "backend": jax.default_backend(),
             "device_kind": kind, "devices": len(jax.devices()), "host": platform.node(),
             "cpu_count": os.cpu_count(), "hbm_bytes_per_s": bw,
             "started": time.strftime("%Y-%m-%d %H:%M:%S"), "mlp_weights": MLP_WEIGHTS,
-            "train_flops_per_incoming_sample": 2 * train_flops_per_sample(784)}
+            "train_flops_per_incoming_sample": 2 * train_flops_per_sample(784),
+            "mlp_data": "mnist" if data_dir else "synthetic"}
     print(f"ocljax benchmark suite on {meta['backend']} ({kind}), {len(jobs)} jobs", flush=True)
     rows = []
     groups: list[tuple[tuple, list[dict]]] = []

@@ -3,7 +3,9 @@
 Every task's steps are cut into blocks of ``eval_every`` steps; the last block of a task is
 padded with invalid (no-op) steps so that task ends coincide with block ends. Each block ends
 with an evaluation: on the full test sets at a task's end (these give the accuracy matrix) and on
-a fixed subsample otherwise (the continual-evaluation curve). A chunk is ``blocks_per_chunk``
+a fixed subsample otherwise (the continual-evaluation curve). With ``eval_every=0`` only task
+ends are evaluated: tasks are cut into blocks of ``TASK_END_BLOCK`` steps whose evaluation is
+skipped except at the task's end. A chunk is ``blocks_per_chunk``
 blocks, one compiled call; the last chunk is padded with invalid blocks so no shape changes.
 """
 
@@ -15,6 +17,7 @@ from typing import NamedTuple
 import numpy as np
 
 EVAL_NONE, EVAL_CONTINUAL, EVAL_TASK_END = 0, 1, 2
+TASK_END_BLOCK = 250  # block length when only task ends are evaluated (bounds the padding)
 
 
 class StepInfo(NamedTuple):
@@ -58,8 +61,10 @@ class Schedule:
 
 
 def build(task_batches: list[int], passes: int, eval_every: int) -> Schedule:
-    """Lay out ``sum(task_batches) * passes`` steps in blocks of ``eval_every`` steps."""
-    L = eval_every
+    """Lay out ``sum(task_batches) * passes`` steps in blocks of ``eval_every`` steps (of
+    ``TASK_END_BLOCK`` steps evaluated only at task ends when ``eval_every`` is 0)."""
+    L = eval_every or TASK_END_BLOCK
+    between = EVAL_CONTINUAL if eval_every else EVAL_NONE
     rows = []
     t = batch0 = 0
     for task, n_batches in enumerate(task_batches):
@@ -76,7 +81,7 @@ def build(task_batches: list[int], passes: int, eval_every: int) -> Schedule:
                 valid=valid,
                 batch=np.where(valid, batch0 + s // passes, 0),
                 eval_kind=np.where(np.arange(n_blocks) == n_blocks - 1, EVAL_TASK_END,
-                                   EVAL_CONTINUAL),
+                                   between),
                 block_task=np.full(n_blocks, task),
                 end_step=np.minimum((np.arange(n_blocks) + 1) * L, n_steps) + t,
             )

@@ -25,9 +25,10 @@ class StreamConfig:
         each incoming batch (``mem_iters`` in the OCL surveys); task_free: hide task ids and
         boundaries from the learner; class_order: ``fixed`` (0, 1, 2, ...) or ``random``
         (drawn per seed); samples_per_task: cap on training samples per task (0 = all);
-        eval_every: steps between continual evaluations; eval_per_task: test samples per task
-        in continual evaluations (0 = all); test_per_task: test samples per task in task-end
-        evaluations, which give the accuracy matrix (0 = all).
+        eval_every: steps between continual evaluations (0: evaluate at task ends only, as
+        most papers' accuracy matrices and the PyTorch baseline do); eval_per_task: test
+        samples per task in continual evaluations (0 = all); test_per_task: test samples per
+        task in task-end evaluations, which give the accuracy matrix (0 = all).
     """
 
     kind: str = "split"
@@ -48,10 +49,10 @@ class StreamConfig:
             raise ConfigError(f"unknown stream {self.kind!r}; choose one of {', '.join(KINDS)}")
         if self.class_order not in ("fixed", "random"):
             raise ConfigError(f"class_order must be 'fixed' or 'random', got {self.class_order!r}")
-        for name in ("n_tasks", "batch_size", "passes", "eval_every"):
+        for name in ("n_tasks", "batch_size", "passes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("samples_per_task", "eval_per_task", "test_per_task"):
+        for name in ("samples_per_task", "eval_every", "eval_per_task", "test_per_task"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
 
