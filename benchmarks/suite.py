@@ -82,7 +82,7 @@ def plan(gpu: bool, quick: bool, sections, data_dir: str | None = None) -> list[
     for m in counts:
         add("members", f"er_mlp_m{m}", members=m, **mlp)
     if not gpu and not quick:
-        add("members", "er_mlp_m32_one_device", members=32, devices=1, **mlp)
+        add("members", "er_mlp_m16_one_device", members=16, devices=1, **mlp)
     m_cont = (256 if quick else 1024) if gpu else 4
     add("members", f"er_mlp_m{m_cont}_continual_eval", members=m_cont,
         **{**mlp, "eval_every": 100})
@@ -98,7 +98,7 @@ def plan(gpu: bool, quick: bool, sections, data_dir: str | None = None) -> list[
     # Light evaluation (50 test images per class, 50 per task continually) so that the image
     # rows time training, as the MLP rows mostly do.
     img = {"shape": [32, 32, 3], "test_per_class": 50, "eval_per_task": 50}
-    for model, n_cpu, n_gpu, sweep in (("cnn", 2_000, 10_000, 64), ("resnet18", 400, 4_000, 16)):
+    for model, n_cpu, n_gpu, sweep in (("cnn", 500, 10_000, 64), ("resnet18", 100, 4_000, 16)):
         n = (n_gpu if gpu else n_cpu) // (5 if quick else 1)
         add("images", f"torch_{model}", kind="torch", model=model, samples=n, max_samples=n, **img)
         add("images", f"er_{model}_m1", kind="driver", model=model, samples=n, members=1, **img)
@@ -182,7 +182,7 @@ def run_driver(job: dict) -> dict:
         "final_average_accuracy": float(res.accuracy_matrix()[:, -1].mean()),
         "memory_per_member": mem["per_member"], "memory_per_device": mem["program"],
         "state_per_member": mem["state_per_member"], "shared_bytes": mem["shared"],
-        "eval_batch": res.extra["eval_batch"], "xla_flops_per_chunk": res.extra["flops_per_chunk"],
+        "eval_batch": res.extra["eval_batch"],
     }
 
 

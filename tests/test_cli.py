@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from ocljax.cli import main
+from ocljax.errors import ConfigError
 
 TINY = ["--dataset", "synthetic", "--n-tasks", "2", "--set", "width=16", "--set", "depth=1",
         "--set", "buffer_size=20", "--eval-every", "10", "--quiet"]
@@ -153,3 +154,16 @@ def test_interrupted_experiment_keeps_finished_variants(tmp_path, monkeypatch, c
     assert summary["complete"] is False
     assert {m["variant"] for m in summary["members"]} == {"er"}
     assert json.loads((out / "config.json").read_text())["complete"] is False
+
+
+def test_precision_flag_reaches_the_model_config():
+    from ocljax.cli import build_parser, plan
+
+    preset = {"seeds": 1, "seed": 0, "learner": "er", "dataset": "digits"}
+    args = build_parser("ocljax", "", preset).parse_args(["--precision", "bf16"])
+    _, variants = plan(args, preset)
+    assert variants[0].model.precision == "bf16"
+    args.precision = None
+    args.set = ["precision=fp8"]
+    with pytest.raises(ConfigError, match="unknown precision 'fp8'"):
+        plan(args, preset)

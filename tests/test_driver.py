@@ -145,3 +145,46 @@ def test_sharded_over_8_cpu_devices_equals_unsharded(tmp_path):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     np.testing.assert_allclose(out["8"]["acc"], out["1"]["acc"], atol=1e-6)
     np.testing.assert_allclose(out["8"]["loss"], out["1"]["loss"], rtol=1e-5)
+
+
+def test_task_end_only_evaluation_gives_the_same_accuracy_matrix(tiny_ds):
+    import dataclasses
+
+    every4 = run(tiny_ds, "er", [0, 1])
+    ends = run(tiny_ds, "er", [0, 1], cfg=dataclasses.replace(CFG, eval_every=0))
+    assert (ends.eval_kind == streams.EVAL_TASK_END).all()
+    assert len(ends.eval_step) == CFG.n_tasks + 1 < len(every4.eval_step)
+    np.testing.assert_array_equal(ends.accuracy_matrix(), every4.accuracy_matrix())
+    np.testing.assert_array_equal(ends.online_accuracy, every4.online_accuracy)
+
+
+def test_evaluation_batch_does_not_change_results(tiny_ds):
+    a = run(tiny_ds, "er", [3])
+    b = run(tiny_ds, "er", [3], eval_batch=5)  # pools padded to a multiple of 5 rows
+    assert b.extra["eval_batch"] == 5 and a.extra["eval_batch"] == 1000
+    np.testing.assert_array_equal(a.acc, b.acc)
+
+
+def test_default_eval_batch_bounds_rows_per_device():
+    assert driver.default_eval_batch(1) == 1000
+    assert driver.default_eval_batch(4096) == 128
+    assert driver.default_eval_batch(4096) * 4096 <= 2**19
+
+
+def test_memory_plan_is_reported_and_a_sweep_that_cannot_fit_is_refused(tiny_ds):
+    notes = []
+    res = run(tiny_ds, "er", [0, 1], log=notes.append)
+    plan = res.extra["memory"]
+    assert plan["state_per_member"] > 0 and plan["per_member"] >= plan["state_per_member"]
+    assert plan["shared"] > 0 and plan["members_per_device"] == 2
+    assert any(n.startswith("memory:") and "/member" in n for n in notes)
+    limit = plan["shared"] + plan["per_member"]  # room for about one member, not two
+    with pytest.raises(driver.ConfigError, match=r"does not fit.*at most 1 member"):
+        run(tiny_ds, "er", [0, 1], memory_limit=int(limit / driver.HEADROOM) + 1)
+    # a plan object answers how many members fit
+    p = driver.MemoryPlan(members_per_device=8, state_per_member=100, shared=1000,
+                          program=1000 + 8 * 500, limit=10_000)
+    assert p.per_member == 500 and p.fits()
+    assert p.max_members_per_device() == int((10_000 * driver.HEADROOM - 1000) // 500)
+    assert not driver.MemoryPlan(8, 100, 1000, 1000 + 8 * 500, 4000).fits()
+

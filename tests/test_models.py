@@ -290,3 +290,24 @@ def test_torch_loop_runs_each_model(model, torch):
     # a prefix that reaches no task end is evaluated once after the clock stops
     out = torch_er.run(train_x, train_y, test_x, test_y, order, {4}, model=model, max_steps=1)
     assert out["steps"] == 1 and 0.0 <= out["final_test_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("kernel,stride,padding,size", [
+    ((3, 3), (1, 1), "SAME", 8), ((3, 3), (2, 2), 1, 8), ((3, 3), (2, 2), "SAME", 7),
+    ((1, 1), (2, 2), "VALID", 8), ((3, 3), (1, 1), "VALID", 5),
+])
+def test_matmul_convolution_equals_xla_convolution(kernel, stride, padding, size):
+    from ocljax.models.conv import Conv
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, size, size, 3))
+    mods = {impl: Conv(4, kernel, stride, padding, impl=impl) for impl in ("xla", "matmul")}
+    params = mods["xla"].init(jax.random.PRNGKey(1), x)
+    outs, grads = {}, {}
+    for impl, mod in mods.items():
+        outs[impl] = mod.apply(params, x)
+        grads[impl] = jax.grad(lambda p, x, mod=mod: (mod.apply(p, x) ** 2).sum(),
+                               argnums=(0, 1))(params, x)
+    np.testing.assert_allclose(outs["matmul"], outs["xla"], rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads["matmul"]), jax.tree.leaves(grads["xla"]),
+                    strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from flax import linen as nn
 
 from ocljax.models.adapter import from_linen
+from ocljax.models.conv import Conv
 from ocljax.types import Model
 
 
@@ -20,7 +21,7 @@ class SmallCNNModule(nn.Module):
     def __call__(self, x, train: bool = False):
         h = x
         for mult in (1, 2):
-            h = nn.Conv(self.channels * mult, (3, 3))(h)
+            h = Conv(self.channels * mult, (3, 3))(h)
             if self.batch_norm:
                 h = nn.BatchNorm(use_running_average=not train, momentum=0.9)(h)
             h = nn.relu(h)

@@ -26,6 +26,7 @@ from flax import linen as nn
 
 from ocljax.errors import ConfigError
 from ocljax.models.adapter import from_linen
+from ocljax.models.conv import Conv
 from ocljax.types import Model
 
 
@@ -44,13 +45,13 @@ class BasicBlock(nn.Module):
         s = (self.stride, self.stride)
         # Symmetric padding of 1 (PyTorch's padding=1), not "SAME", which pads strided
         # convolutions of even inputs only on the bottom/right.
-        h = nn.Conv(self.channels, (3, 3), strides=s, padding=1, use_bias=False)(x)
+        h = Conv(self.channels, (3, 3), strides=s, padding=1, use_bias=False)(x)
         h = nn.relu(_bn(train)(h))
-        h = nn.Conv(self.channels, (3, 3), padding=1, use_bias=False)(h)
+        h = Conv(self.channels, (3, 3), padding=1, use_bias=False)(h)
         h = _bn(train)(h)
         shortcut = x
         if self.stride != 1 or x.shape[-1] != self.channels:
-            shortcut = nn.Conv(self.channels, (1, 1), strides=s, padding="VALID",
+            shortcut = Conv(self.channels, (1, 1), strides=s, padding="VALID",
                                use_bias=False)(x)
             shortcut = _bn(train)(shortcut)
         return nn.relu(h + shortcut)
@@ -64,7 +65,7 @@ class ReducedResNet18Module(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        h = nn.Conv(self.nf, (3, 3), padding=1, use_bias=False)(x)
+        h = Conv(self.nf, (3, 3), padding=1, use_bias=False)(x)
         h = nn.relu(_bn(train)(h))
         for mult, stride in ((1, 1), (2, 2), (4, 2), (8, 2)):
             h = BasicBlock(self.nf * mult, stride)(h, train)

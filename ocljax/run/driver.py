@@ -442,7 +442,7 @@ def _run(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chunk, 
         trace_count=program.trace_count,
         final_state=jax.tree.map(lambda a: a[:M], state) if keep_state else None,
         extra={"memory": dataclasses.asdict(plan) | {"per_member": plan.per_member},
-               "eval_batch": eval_batch, "flops_per_chunk": chunk_flops(compiled)},
+               "eval_batch": eval_batch},
     )
 
 
@@ -461,17 +461,6 @@ def memory_plan(compiled, abstract_state, host_pools, Mp: int, D: int, limit: in
     if limit is None:
         limit = device_memory_limit(mesh.devices.flat[0])
     return MemoryPlan(Mp // D, state, shared, int(program), limit)
-
-
-def chunk_flops(compiled) -> float | None:
-    """FLOPs of one compiled chunk on one device according to XLA's cost analysis."""
-    try:
-        cost = compiled.cost_analysis()
-    except Exception:  # noqa: BLE001 - not every backend implements it
-        return None
-    if isinstance(cost, list):
-        cost = cost[0] if cost else None
-    return float(cost["flops"]) if cost and "flops" in cost else None
 
 
 __all__ = ["EVAL_CONTINUAL", "EVAL_TASK_END", "MemoryPlan", "Program", "RunResult", "local_mesh",

@@ -1,0 +1,46 @@
+"""The benchmark suite's plan and arithmetic (the timings themselves live in benchmarks/)."""
+
+import pytest
+
+from benchmarks import suite
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_plan_covers_every_section_with_unique_names(gpu):
+    jobs = suite.plan(gpu, quick=False, sections=suite.SECTIONS)
+    names = [j["name"] for j in jobs]
+    assert len(names) == len(set(names))
+    sections = {j["section"] for j in jobs}
+    assert sections == set(suite.SECTIONS) - ({"devices"} if gpu else set())
+    members = [j["members"] for j in jobs if j["section"] == "members"]
+    if gpu:
+        assert {1024, 4096} <= set(members)  # the issue's sweep sizes
+        assert {j.get("precision") for j in jobs if j["section"] == "precision"} >= {
+            "float32", "tf32", "bf16"}
+    long = {j["n_tasks"]: j for j in jobs if j["section"] == "long"}
+    assert long[17]["samples"] * 17 >= 1_000_000 and long[1]["samples"] == long[17]["samples"]
+
+
+def test_plan_uses_real_mnist_when_given_a_data_dir():
+    jobs = suite.plan(False, quick=True, sections=("members",), data_dir="/data")
+    assert jobs and all(j["dataset"] == "mnist" and j["data_dir"] == "/data" for j in jobs)
+
+
+def test_cpu_jobs_share_a_worker_only_with_the_same_device_count():
+    jobs = suite.plan(False, quick=True, sections=("members", "devices"))
+    keys = {j["name"]: suite.process_key(j, gpu=False) for j in jobs}
+    assert keys["er_mlp_m1"] != keys["er_mlp_m4"]
+    assert len({keys[n] for n in keys if "_d" in n}) == 1  # devices rows: 8 virtual devices
+    assert {suite.process_key(j, gpu=True) for j in jobs} == {("jax",)}
+
+
+def test_derive_ratio_and_roofline():
+    ctx = {"torch": {"mlp": 1000.0}, "peak": {"float32_flops": 1e12}, "hbm_bytes_per_s": 4e12}
+    row = suite.derive({"model": "mlp", "precision": "float32", "seed_samples_per_s": 5e5}, ctx)
+    assert row["ratio_vs_torch"] == pytest.approx(500.0)
+    compute = 2 * suite.train_flops_per_sample(784) / 1e12
+    traffic = 2 * 4 * suite.MLP_WEIGHTS / 4e12 / 10
+    assert row["roofline_floor_seed_samples_per_s"] == pytest.approx(1 / max(compute, traffic))
+    assert row["fraction_of_roofline"] == pytest.approx(5e5 * max(compute, traffic))
+    assert "ratio_vs_torch" not in suite.derive(
+        {"model": "cnn", "seed_samples_per_s": 1.0}, {"torch": {}})
