@@ -98,7 +98,7 @@ def plan(gpu: bool, quick: bool, sections, data_dir: str | None = None) -> list[
     # Light evaluation (50 test images per class, 50 per task continually) so that the image
     # rows time training, as the MLP rows mostly do.
     img = {"shape": [32, 32, 3], "test_per_class": 50, "eval_per_task": 50}
-    for model, n_cpu, n_gpu, sweep in (("cnn", 500, 10_000, 64), ("resnet18", 100, 4_000, 16)):
+    for model, n_cpu, n_gpu, sweep in (("cnn", 2_000, 10_000, 64), ("resnet18", 400, 4_000, 16)):
         n = (n_gpu if gpu else n_cpu) // (5 if quick else 1)
         add("images", f"torch_{model}", kind="torch", model=model, samples=n, max_samples=n, **img)
         add("images", f"er_{model}_m1", kind="driver", model=model, samples=n, members=1, **img)

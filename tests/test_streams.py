@@ -73,9 +73,18 @@ def test_schedule_blocks_align_task_ends_and_pad():
     ({"n_tasks": 3}, "cannot be split into 3"),
     ({"batch_size": 100}, "fewer than batch_size"),
     ({"kind": "rotated"}, "unknown stream"),
-    ({"eval_every": 0}, "eval_every must be >= 1"),
+    ({"eval_every": -1}, "eval_every must be >= 0"),
     ({"class_order": "sorted"}, "class_order"),
 ])
 def test_bad_stream_settings(tiny_ds, kw, message):
     with pytest.raises(ConfigError, match=message):
         streams.build(streams.StreamConfig(**{"n_tasks": 2, **kw}), tiny_ds, [0])
+
+
+def test_task_end_only_schedule_has_no_continual_evaluations():
+    sch = schedule.build([600, 3], passes=1, eval_every=0)
+    assert sch.block_len == schedule.TASK_END_BLOCK
+    kinds = sch.eval_kind
+    assert set(kinds.tolist()) == {schedule.EVAL_NONE, schedule.EVAL_TASK_END}
+    assert (kinds == schedule.EVAL_TASK_END).sum() == 2
+    assert sch.steps.valid.sum() == 603 and sch.total_steps == 603

@@ -119,10 +119,29 @@ def default_blocks_per_chunk(stream: Stream, target_steps: int = 2000) -> int:
     return int(max(1, min(stream.schedule.n_blocks, target_steps // per_block)))
 
 
+def over_members(f, in_axes, members_per_device: int):
+    """``f`` mapped over the leading member axis of the arguments whose ``in_axes`` is 0.
+
+    ``jax.vmap`` in general; with one member per device, the axis is squeezed and ``f`` runs
+    unbatched: XLA's CPU backend runs batched matmuls of size 1 markedly slower than plain ones
+    (measured: 748 against 526 us per ER step of the MLP on 2 cores), and one member per
+    (virtual) device is the CLI's default on CPU.
+    """
+    if members_per_device != 1:
+        return jax.vmap(f, in_axes=in_axes)
+
+    def single(*args):
+        args = [jax.tree.map(lambda a: a[0], x) if ax == 0 else x
+                for x, ax in zip(args, in_axes, strict=True)]
+        return jax.tree.map(lambda a: a[None], f(*args))
+
+    return single
+
+
 class Program:
     """The compiled pieces of a run for one learner, stream layout and member count."""
 
-    def __init__(self, learner: Learner, stream: Stream, mesh):
+    def __init__(self, learner: Learner, stream: Stream, mesh, members_per_device: int = 2):
         self.learner, self.stream, self.mesh = learner, stream, mesh
         self.trace_count = 0
         hide = stream.cfg.task_free or stream.cfg.iid
@@ -189,7 +208,8 @@ class Program:
         member = P(AXIS)
         shared = P()
         # state, hp, key, aux, idx are per member; the schedule and the pools are shared.
-        chunk = jax.vmap(member_chunk, in_axes=(0, 0, 0, 0, 0, None, None, None, None))
+        chunk = over_members(member_chunk, (0, 0, 0, 0, 0, None, None, None, None),
+                             members_per_device)
         self.chunk = jax.jit(
             shard_map(
                 chunk, mesh=mesh,
@@ -203,7 +223,7 @@ class Program:
             return learner.init(jax.random.fold_in(key, 0), example_x, hp)
 
         self.init = jax.jit(shard_map(
-            jax.vmap(member_init, in_axes=(0, 0, None)), mesh=mesh,
+            over_members(member_init, (0, 0, None), members_per_device), mesh=mesh,
             in_specs=(member, member, shared), out_specs=member,
         ))
 
@@ -212,7 +232,7 @@ class Program:
                             pool)
 
         self.initial_eval = jax.jit(shard_map(
-            jax.vmap(member_eval, in_axes=(0, 0, 0, 0, None)), mesh=mesh,
+            over_members(member_eval, (0, 0, 0, 0, None), members_per_device), mesh=mesh,
             in_specs=(member, member, member, member, shared), out_specs=member,
         ))
 
@@ -351,7 +371,7 @@ def _run(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chunk, 
     eval_batch = eval_batch or default_eval_batch(Mp // D)
 
     t0 = time.perf_counter()
-    program = Program(learner, stream, mesh)
+    program = Program(learner, stream, mesh, Mp // D)
     hp = put_m(pad_members(stack_members(hparams), Mp))
     keys = put_m(pad_members(np.stack([np.asarray(jax.random.PRNGKey(s)) for s in seeds]), Mp))
     aux = put_m(pad_members(stream.aux, Mp))
