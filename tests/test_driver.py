@@ -188,3 +188,32 @@ def test_memory_plan_is_reported_and_a_sweep_that_cannot_fit_is_refused(tiny_ds)
     assert p.max_members_per_device() == int((10_000 * driver.HEADROOM - 1000) // 500)
     assert not driver.MemoryPlan(8, 100, 1000, 1000 + 8 * 500, 4000).fits()
 
+
+
+def test_default_evaluation_batch_shrinks_to_fit_memory():
+    from ocljax import data
+
+    ds = data.synthetic.load(num_classes=4, train_per_class=24, test_per_class=1000,
+                             shape=(8, 8, 1))
+    cfg = streams.StreamConfig(kind="split", n_tasks=2, batch_size=4, eval_every=0)
+    module, _ = tiny_learner("er")
+    from ocljax import models
+
+    learner = module.make(models.make_model("mlp", 4, width=512, depth=2),
+                          module.Config(buffer_size=8, replay_batch=3))
+
+    def go(**kw):
+        return driver.run(learner, streams.build(cfg, ds, [0]), ds, [module.HParams(0.1)], [0],
+                          n_devices=1, **kw)
+
+    big, small = go(eval_batch=1000), go(eval_batch=50)
+    need_big, need_small = big.extra["memory"]["program"], small.extra["memory"]["program"]
+    assert need_small < need_big
+    limit = int((need_small + need_big) / 2 / driver.HEADROOM)  # fits 50, not 1000
+    notes = []
+    fitted = go(memory_limit=limit, log=notes.append)
+    assert fitted.extra["eval_batch"] < 1000
+    assert any("retrying" in n for n in notes)
+    np.testing.assert_array_equal(fitted.acc, big.acc)
+    with pytest.raises(driver.ConfigError, match="does not fit"):
+        go(memory_limit=limit, eval_batch=1000)  # an explicit batch is not changed

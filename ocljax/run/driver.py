@@ -238,6 +238,7 @@ class Program:
 
 
 HEADROOM = 0.9  # fraction of a device's memory a sweep may plan to use
+MIN_EVAL_BATCH = 16  # the default evaluation batch shrinks no further to fit memory
 
 
 @dataclass
@@ -342,8 +343,10 @@ def run(
     local devices (all by default), padded to a multiple of the device count.
 
     Before anything is allocated, the chunk program is compiled and its memory plan (see
-    ``MemoryPlan``) checked against the device memory (or ``memory_limit`` bytes per device):
-    a sweep that cannot fit raises ``ConfigError`` saying how many members would. ``log``
+    ``MemoryPlan``) checked against the device memory (or ``memory_limit`` bytes per device).
+    If it does not fit, the default evaluation batch (``eval_batch=None``) is cut by 4 and the
+    chunk recompiled, down to ``MIN_EVAL_BATCH``; a sweep that still cannot fit raises
+    ``ConfigError`` saying how many members would. ``log``
     receives the plan and other one-line notes. ``precision`` is one of
     ``ocljax.precision.PRECISIONS``; the learner's model must have been cast with
     ``precision.cast_model`` for ``bf16``.
@@ -368,44 +371,54 @@ def _run(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chunk, 
     member_sh, shared_sh = NamedSharding(mesh, P(AXIS)), NamedSharding(mesh, P())
     put_m = partial(jax.device_put, device=member_sh)
     put_s = partial(jax.device_put, device=shared_sh)
-    eval_batch = eval_batch or default_eval_batch(Mp // D)
+    chosen = eval_batch  # an explicit evaluation batch is kept; the default may shrink
 
     t0 = time.perf_counter()
     program = Program(learner, stream, mesh, Mp // D)
     hp = put_m(pad_members(stack_members(hparams), Mp))
     keys = put_m(pad_members(np.stack([np.asarray(jax.random.PRNGKey(s)) for s in seeds]), Mp))
     aux = put_m(pad_members(stream.aux, Mp))
-    # The training pool and test subsets go to the device once.
-    host_pools = (
-        dataset.train_x, dataset.train_y,
-        make_pool(dataset.test_x[stream.eval_full], dataset.test_y[stream.eval_full], eval_batch),
-        make_pool(dataset.test_x[stream.eval_continual], dataset.test_y[stream.eval_continual],
-                  eval_batch),
-    )
     example_x = put_s(dataset.train_x[: stream.cfg.batch_size])
     bpc = blocks_per_chunk or default_blocks_per_chunk(stream)
     gen = stream.chunks(bpc)
     first = next(gen)
 
-    # Compile against the abstract state and check the memory plan before allocating.
-    abstract = jax.eval_shape(program.init, keys, hp, example_x)
-    abstract = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=member_sh), abstract)
-    abstract_pools = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shared_sh), host_pools)
+    def make_pools(eb):
+        """The training pool and test subsets, uploaded once, tests cut in batches of ``eb``."""
+        return (
+            dataset.train_x, dataset.train_y,
+            make_pool(dataset.test_x[stream.eval_full], dataset.test_y[stream.eval_full], eb),
+            make_pool(dataset.test_x[stream.eval_continual],
+                      dataset.test_y[stream.eval_continual], eb),
+        )
 
     def chunk_args(state, chunk, pools):
         idx = put_m(pad_members(chunk.idx, Mp))
         steps, kind, end = put_s((chunk.steps, chunk.eval_kind, chunk.end_step))
         return (state, hp, keys, aux, idx, steps, kind, end, pools)
 
-    compiled = program.chunk.lower(*chunk_args(abstract, first, abstract_pools)).compile()
+    # Compile against the abstract state and check the memory plan before allocating. When
+    # the default evaluation batch is what does not fit, shrink it (results do not depend on
+    # it) before giving up.
+    abstract = jax.eval_shape(program.init, keys, hp, example_x)
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=member_sh), abstract)
+    eval_batch = chosen or default_eval_batch(Mp // D)
+    while True:
+        host_pools = make_pools(eval_batch)
+        abstract_pools = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shared_sh), host_pools)
+        compiled = program.chunk.lower(*chunk_args(abstract, first, abstract_pools)).compile()
+        plan = memory_plan(compiled, abstract, host_pools, Mp, D, memory_limit, mesh)
+        log(plan.describe())
+        if plan.fits() or chosen or eval_batch <= MIN_EVAL_BATCH:
+            break
+        eval_batch = max(MIN_EVAL_BATCH, eval_batch // 4)
+        log(f"memory: retrying with evaluation batches of {eval_batch} test samples")
     if os.environ.get("OCLJAX_DUMP_HLO"):  # diagnostics: the optimized chunk program
         dump = Path(os.environ["OCLJAX_DUMP_HLO"])
         dump.mkdir(parents=True, exist_ok=True)
         (dump / f"chunk_m{M}_d{D}.hlo.txt").write_text(compiled.as_text())
-    plan = memory_plan(compiled, abstract, host_pools, Mp, D, memory_limit, mesh)
-    log(plan.describe())
     if not plan.fits():
         most = plan.max_members_per_device()
         hb = human_bytes
