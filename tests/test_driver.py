@@ -161,7 +161,7 @@ def test_task_end_only_evaluation_gives_the_same_accuracy_matrix(tiny_ds):
 def test_evaluation_batch_does_not_change_results(tiny_ds):
     a = run(tiny_ds, "er", [3])
     b = run(tiny_ds, "er", [3], eval_batch=5)  # pools padded to a multiple of 5 rows
-    assert b.extra["eval_batch"] == 5 and a.extra["eval_batch"] == 1000
+    assert b.extra["eval_batch"] == 5 and a.extra["eval_batch"] == 1000  # 4x4x1 inputs
     np.testing.assert_array_equal(a.acc, b.acc)
 
 
@@ -169,6 +169,8 @@ def test_default_eval_batch_bounds_rows_per_device():
     assert driver.default_eval_batch(1) == 1000
     assert driver.default_eval_batch(4096) == 128
     assert driver.default_eval_batch(4096) * 4096 <= 2**19
+    assert driver.default_eval_batch(1, 28 * 28) == 334  # MNIST
+    assert driver.default_eval_batch(1, 32 * 32 * 3) == 85  # CIFAR-shaped
 
 
 def test_memory_plan_is_reported_and_a_sweep_that_cannot_fit_is_refused(tiny_ds):
