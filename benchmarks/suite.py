@@ -41,12 +41,13 @@ import argparse
 import json
 import os
 import platform
+import selectors
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from benchmarks.throughput import train_flops_per_sample
+from benchmarks.throughput import gemm_peak_flops, train_flops_per_sample
 
 SECTIONS = ("peak", "torch", "members", "precision", "devices", "images", "long", "compile")
 MLP_WEIGHTS = (784 * 256 + 256) + (256 * 256 + 256) + (256 * 10 + 10)  # 269,322 parameters
@@ -211,24 +212,15 @@ def run_torch(job: dict) -> dict:
 def run_peak(job: dict) -> dict:
     """Best float32 (and, on GPU, TF32 and bf16) square-matmul FLOP/s of one device."""
     import jax
-    import jax.numpy as jnp
+
+    from ocljax import precision
 
     gpu = jax.default_backend() == "gpu"
-    n = 8192 if gpu else 2048
     out = {"device_kind": jax.devices()[0].device_kind, "backend": jax.default_backend()}
-    modes = [("float32", jnp.float32, "highest")]
-    if gpu:
-        modes += [("tf32", jnp.float32, "tensorfloat32"), ("bf16", jnp.bfloat16, "default")]
-    for name, dtype, prec in modes:
-        a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
-        f = jax.jit(lambda a, prec=prec: jnp.matmul(a, a, precision=prec))
-        f(a).block_until_ready()
-        best = float("inf")
-        for _ in range(10):
-            t = time.perf_counter()
-            f(a).block_until_ready()
-            best = min(best, time.perf_counter() - t)
-        out[f"{name}_flops"] = 2 * n**3 / best
+    for name in ("float32", "tf32", "bf16") if gpu else ("float32",):
+        with precision.matmul_precision(name):
+            out[f"{name}_flops"] = gemm_peak_flops(
+                8192 if gpu else 2048, dtype="bfloat16" if name == "bf16" else "float32")
     return out
 
 
@@ -330,8 +322,6 @@ def run_group(jobs: list[dict], cpu_devices: int | None, timeout: float, quick: 
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env)
     done, deadline = set(), time.monotonic() + timeout
-    import selectors
-
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)
     while time.monotonic() < deadline:

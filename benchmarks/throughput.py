@@ -38,12 +38,13 @@ def train_flops_per_sample(dim: int, hidden=HIDDEN, classes: int = 10) -> int:
     return 2 * sum(macs) + 2 * sum(macs) + 2 * sum(macs[1:])
 
 
-def gemm_peak_flops(n: int = 2048, repeats: int = 10) -> float:
-    """Best float32 matmul FLOP/s of one device (n x n by n x n, jitted)."""
+def gemm_peak_flops(n: int = 2048, repeats: int = 10, dtype: str = "float32") -> float:
+    """Best matmul FLOP/s of one device (n x n by n x n of ``dtype``, jitted, under the
+    ambient ``jax.default_matmul_precision``)."""
     import jax
     import jax.numpy as jnp
 
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.dtype(dtype))
     f = jax.jit(lambda a: a @ a)
     f(a).block_until_ready()
     best = float("inf")

@@ -48,6 +48,8 @@ def cast_model(model: Model, name: str) -> Model:
     """``model`` computing in the precision's dtype (only ``bf16`` changes anything)."""
     if check(name) != "bf16":
         return model
+    from ocljax.models.adapter import to_float  # flax is loaded once a model exists
+
     low = jnp.bfloat16
 
     def cast(tree):
@@ -56,9 +58,8 @@ def cast_model(model: Model, name: str) -> Model:
         )
 
     def apply(params, model_state, x, train):
-        if jnp.issubdtype(x.dtype, jnp.integer):  # uint8 images: scale in float32 first
-            x = x.astype(jnp.float32) / 255.0
-        logits, feats, new_state = model.apply(cast(params), model_state, x.astype(low), train)
+        x = to_float(x).astype(low)  # uint8 images are scaled in float32 first
+        logits, feats, new_state = model.apply(cast(params), model_state, x, train)
         return logits.astype(jnp.float32), feats.astype(jnp.float32), new_state
 
     return model._replace(apply=apply)

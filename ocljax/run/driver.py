@@ -141,7 +141,7 @@ def over_members(f, in_axes, members_per_device: int):
 class Program:
     """The compiled pieces of a run for one learner, stream layout and member count."""
 
-    def __init__(self, learner: Learner, stream: Stream, mesh, members_per_device: int = 2):
+    def __init__(self, learner: Learner, stream: Stream, mesh, members_per_device: int):
         self.learner, self.stream, self.mesh = learner, stream, mesh
         self.trace_count = 0
         hide = stream.cfg.task_free or stream.cfg.iid
