@@ -1,7 +1,13 @@
-"""The network part shared by gradient-trained learners: parameters, model state, optimizer."""
+"""The network part shared by gradient-trained learners: parameters, model state, optimizer.
+
+Learners build their loss as ``loss_fn(params, model_state) -> (loss, (aux, new_model_state))``
+and hand it to ``gradient_step``, which applies the configured optimizer (with the fused SGD
+path below); ``cross_entropy_step`` is the common case.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -23,6 +29,47 @@ def init_net(model: Model, optimizer: str, key: Array, x: Array, lr) -> NetState
     return NetState(params, model_state, optim.build(optimizer, lr).init(params))
 
 
+LossFn = Callable[[PyTree, PyTree], tuple[Array, tuple[PyTree, PyTree]]]
+
+
+def gradient_step(
+    optimizer: str, net: NetState, loss_fn: LossFn, lr
+) -> tuple[NetState, Array, PyTree]:
+    """One optimizer step on ``loss_fn(params, model_state) -> (loss, (aux, new_model_state))``.
+
+    Returns ``(new_net, loss, aux)``; ``aux`` is whatever the loss function computed on the way
+    (typically the pre-step logits). ``new_model_state`` replaces the BatchNorm statistics.
+
+    With ``optimizer == "sgd"`` (plain SGD, ``w <- w - lr * grad``) the learning rate is applied
+    to the loss's cotangent rather than to the gradient: the update is then
+    ``w + dot(h^T, delta)``, which XLA fuses into the weight-gradient matmul (on GPU a GEMM with
+    beta = 1), so each weight is read and written once per step and the gradient is never
+    materialised. Same rule as ``optax.sgd`` up to rounding order (``sgd_optax`` keeps the optax
+    path; tests compare the two).
+    """
+    if optimizer == "sgd":
+        def scaled(params):
+            loss, aux = loss_fn(params, net.model_state)
+            return -lr * loss, (loss, aux)
+
+        (_, (loss, (aux, model_state))), steps = jax.value_and_grad(scaled, has_aux=True)(
+            net.params)
+        params = jax.tree.map(lambda p, d: p + d, net.params, steps)
+        return NetState(params, model_state, net.opt_state), loss, aux
+    (loss, (aux, model_state)), grads = jax.value_and_grad(
+        lambda p: loss_fn(p, net.model_state), has_aux=True)(net.params)
+    return apply_gradients(optimizer, net._replace(model_state=model_state), grads, lr), loss, aux
+
+
+def apply_gradients(optimizer: str, net: NetState, grads: PyTree, lr) -> NetState:
+    """Apply already-computed ``grads`` with the configured optimizer (for learners that edit
+    the gradient before the step, e.g. A-GEM's projection)."""
+    tx = optim.build(optimizer, lr)
+    updates, opt_state = tx.update(grads, net.opt_state, net.params)
+    params = jax.tree.map(lambda p, u: p + u, net.params, updates)
+    return NetState(params, net.model_state, opt_state)
+
+
 def cross_entropy_step(
     model: Model, optimizer: str, net: NetState, x: Array, y: Array, mask: Array | None, lr
 ) -> tuple[NetState, Array, Array]:
@@ -31,30 +78,11 @@ def cross_entropy_step(
     Returns ``(new_net, loss, logits [N, C])``; the logits are from the pre-step forward pass.
     """
 
-    def loss_fn(params):
-        logits, _, model_state = model.apply(params, net.model_state, x, True)
+    def loss_fn(params, model_state):
+        logits, _, model_state = model.apply(params, model_state, x, True)
         return cross_entropy(logits, y, mask), (logits, model_state)
 
-    if optimizer == "sgd":
-        # Plain SGD, w <- w - lr * grad, with the learning rate applied to the loss's
-        # cotangent (a [N, C] array) rather than to the gradient: the update is then
-        # ``w + dot(h^T, delta)``, which XLA fuses into the weight-gradient matmul (on GPU a
-        # GEMM with beta = 1), so each weight is read and written once per step and the
-        # gradient is never materialised. Same rule as optax.sgd up to rounding order
-        # (``sgd_optax`` keeps the optax path; tests compare the two).
-        def scaled(params):
-            loss, aux = loss_fn(params)
-            return -lr * loss, (loss, aux)
-
-        (_, (loss, (logits, model_state))), steps = jax.value_and_grad(scaled, has_aux=True)(
-            net.params)
-        params = jax.tree.map(lambda p, d: p + d, net.params, steps)
-        return NetState(params, model_state, net.opt_state), loss, logits
-    (loss, (logits, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(net.params)
-    tx = optim.build(optimizer, lr)
-    updates, opt_state = tx.update(grads, net.opt_state, net.params)
-    params = jax.tree.map(lambda p, u: p + u, net.params, updates)
-    return NetState(params, model_state, opt_state), loss, logits
+    return gradient_step(optimizer, net, loss_fn, lr)
 
 
 def predict_logits(model: Model, net: NetState, x: Array) -> Array:
