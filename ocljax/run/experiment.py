@@ -90,7 +90,7 @@ def prepare_variant(variant: Variant, ds: data.Dataset) -> Prepared:
                               variant.model.depth)
     model = precision.cast_model(model, variant.model.precision)
     module = learners.get(variant.learner)
-    learners.check_stream(variant.learner, variant.stream.task_free)
+    learners.check_stream(variant.learner, variant.stream.task_free, variant.learner_config)
     learner = module.make(model, variant.learner_config)
     hps = [module.HParams(**m.hparams) for m in variant.members]
     return Prepared(variant, stream, learner, hps)

@@ -1,0 +1,128 @@
+"""In-graph data augmentation as pure functions of ``(key, x)``.
+
+Each function takes a batch ``x`` [B, H, W, C] (uint8 or float) and a PRNG key, draws an
+independent transformation per image, and returns a batch of the same shape and dtype, so it
+runs inside ``lax.scan`` and under ``vmap`` over members. The transformations are the ones the
+OCL literature uses for replay and contrastive methods: random crop after zero padding and
+horizontal flip (the standard CIFAR pipeline of He et al. 2016, used by SCR, Mai et al. 2021,
+and RAR, Kumari et al. 2022), random resized crop (SimCLR, Chen et al. 2020, Sec. 3; SupCon,
+Khosla et al. 2020), and brightness/contrast jitter.
+
+``augment(key, x, spec)`` composes them from a short spec such as ``"crop4,flip"``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ocljax.errors import ConfigError
+from ocljax.types import Array
+
+
+def random_crop(key: Array, x: Array, padding: int = 4) -> Array:
+    """Zero-pad each image by ``padding`` pixels on every side and crop a random window of the
+    original size (one offset per image, uniform over the ``(2p+1)^2`` positions)."""
+    if padding <= 0:
+        return x
+    b, h, w, _ = x.shape
+    padded = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    offsets = jax.random.randint(key, (b, 2), 0, 2 * padding + 1)
+
+    def crop(img, off):
+        return jax.lax.dynamic_slice(img, (off[0], off[1], 0), (h, w, img.shape[-1]))
+
+    return jax.vmap(crop)(padded, offsets)
+
+
+def random_flip(key: Array, x: Array, p: float = 0.5) -> Array:
+    """Mirror each image left-right with probability ``p``."""
+    flip = jax.random.bernoulli(key, p, (x.shape[0],))
+    return jnp.where(flip[:, None, None, None], x[:, :, ::-1, :], x)
+
+
+def random_resized_crop(key: Array, x: Array, scale: tuple[float, float] = (0.2, 1.0),
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Array:
+    """Crop a random window covering a fraction in ``scale`` of the image area with aspect
+    ratio in ``ratio`` (log-uniform), and resize it back to the full size (bilinear).
+
+    Windows are clipped to the image. Integer inputs are rounded back to their dtype.
+    """
+    b, h, w, c = x.shape
+    k_area, k_ratio, k_pos = jax.random.split(key, 3)
+    area = jax.random.uniform(k_area, (b,), minval=scale[0], maxval=scale[1]) * h * w
+    log_r = jax.random.uniform(k_ratio, (b,), minval=jnp.log(ratio[0]), maxval=jnp.log(ratio[1]))
+    r = jnp.exp(log_r)
+    cw = jnp.clip(jnp.sqrt(area * r), 1.0, w)
+    ch = jnp.clip(jnp.sqrt(area / r), 1.0, h)
+    u = jax.random.uniform(k_pos, (b, 2))
+    top = u[:, 0] * (h - ch)
+    left = u[:, 1] * (w - cw)
+
+    def one(img, top, left, ch, cw):
+        img = img.astype(jnp.float32)
+        scale_ = jnp.array([h / ch, w / cw])
+        translation = -jnp.array([top, left]) * scale_
+        out = jax.image.scale_and_translate(img, (h, w, c), (0, 1), scale_, translation,
+                                            method="linear", antialias=False)
+        return out
+
+    out = jax.vmap(one)(x, top, left, ch, cw)
+    return _like(out, x)
+
+
+def random_brightness_contrast(key: Array, x: Array, strength: float = 0.4) -> Array:
+    """Scale brightness and contrast of each image by factors in ``[1 - s, 1 + s]``."""
+    k1, k2 = jax.random.split(key)
+    b = x.shape[0]
+    top = 255.0 if jnp.issubdtype(x.dtype, jnp.integer) else 1.0
+    f = x.astype(jnp.float32)
+    bright = jax.random.uniform(k1, (b, 1, 1, 1), minval=1 - strength, maxval=1 + strength)
+    contrast = jax.random.uniform(k2, (b, 1, 1, 1), minval=1 - strength, maxval=1 + strength)
+    f = f * bright
+    mean = f.mean(axis=(1, 2, 3), keepdims=True)
+    f = jnp.clip((f - mean) * contrast + mean, 0.0, top)
+    return _like(f, x)
+
+
+def _like(f: Array, x: Array) -> Array:
+    """``f`` (float) back in ``x``'s dtype (rounded and clipped for integer images)."""
+    if jnp.issubdtype(x.dtype, jnp.integer):
+        info = jnp.iinfo(x.dtype)
+        return jnp.clip(jnp.round(f), info.min, info.max).astype(x.dtype)
+    return f.astype(x.dtype)
+
+
+def parse(spec: str) -> tuple[tuple[str, float], ...]:
+    """Validate an augmentation spec: comma-separated ``crop[P]`` (pad P, default 4),
+    ``flip``, ``rrc[S]`` (random resized crop, min scale S/100, default 20), ``jitter[S]``
+    (brightness/contrast, strength S/100, default 40); ``""`` or ``"none"`` for nothing."""
+    out = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        if part == "none":
+            continue
+        name = part.rstrip("0123456789")
+        digits = part[len(name):]
+        defaults = {"crop": 4, "flip": 0, "rrc": 20, "jitter": 40}
+        if name not in defaults or (name == "flip" and digits):
+            raise ConfigError(
+                f"unknown augmentation {part!r} in {spec!r}; use crop[P], flip, rrc[S], "
+                "jitter[S] separated by commas (e.g. 'crop4,flip')")
+        out.append((name, float(digits) if digits else float(defaults[name])))
+    return tuple(out)
+
+
+def augment(key: Array, x: Array, spec: str) -> Array:
+    """Apply the augmentations of ``spec`` (see ``parse``) in order, each with its own key."""
+    steps = parse(spec)
+    keys = jax.random.split(key, max(len(steps), 1))
+    for k, (name, arg) in zip(keys, steps, strict=False):
+        if name == "crop":
+            x = random_crop(k, x, int(arg))
+        elif name == "flip":
+            x = random_flip(k, x)
+        elif name == "rrc":
+            x = random_resized_crop(k, x, (arg / 100.0, 1.0))
+        else:
+            x = random_brightness_contrast(k, x, arg / 100.0)
+    return x

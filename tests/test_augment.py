@@ -1,0 +1,78 @@
+"""Augmentations: each transformation checked against a direct numpy construction."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ocljax import augment
+from ocljax.errors import ConfigError
+
+
+def images(b=6, h=8, w=8, c=1, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, size=(b, h, w, c), dtype=np.uint8)
+
+
+def test_random_crop_is_a_shifted_window_of_the_padded_image():
+    x = images()
+    out = np.asarray(augment.random_crop(jax.random.PRNGKey(0), jnp.asarray(x), 2))
+    padded = np.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)))
+    offsets = []
+    for i in range(len(x)):
+        hits = [(a, b) for a in range(5) for b in range(5)
+                if np.array_equal(padded[i, a:a + 8, b:b + 8], out[i])]
+        assert hits, f"image {i} is not a window of its padded copy"
+        offsets.append(hits[0])
+    assert len(set(offsets)) > 1  # offsets drawn per image
+    assert out.dtype == np.uint8
+
+
+def test_random_flip_mirrors_some_images_and_keeps_the_others():
+    x = images(b=32)
+    out = np.asarray(augment.random_flip(jax.random.PRNGKey(1), jnp.asarray(x)))
+    same = [np.array_equal(o, i) for o, i in zip(out, x, strict=True)]
+    flipped = [np.array_equal(o, i[:, ::-1]) for o, i in zip(out, x, strict=True)]
+    assert all(s or f for s, f in zip(same, flipped, strict=True))
+    assert 4 < sum(flipped) < 28
+
+
+def test_random_resized_crop_full_window_is_identity_and_zoom_is_a_sub_window():
+    x = images()
+    full = augment.random_resized_crop(jax.random.PRNGKey(2), jnp.asarray(x), (1.0, 1.0),
+                                       (1.0, 1.0))
+    np.testing.assert_array_equal(np.asarray(full), x)
+    # a constant image stays constant under any crop and resize
+    const = np.full((3, 8, 8, 1), 77, np.uint8)
+    out = augment.random_resized_crop(jax.random.PRNGKey(3), jnp.asarray(const))
+    np.testing.assert_array_equal(np.asarray(out), const)
+    # a zoomed crop of an image with a bright left half and dark right half keeps both
+    # values ordered left to right
+    ramp = np.zeros((4, 8, 8, 1), np.float32)
+    ramp[:, :, :4] = 1.0
+    z = np.asarray(augment.random_resized_crop(jax.random.PRNGKey(4), jnp.asarray(ramp)))
+    assert (np.diff(z[..., 0], axis=2) <= 1e-6).all()
+
+
+def test_jitter_zero_strength_is_identity_and_range_is_kept():
+    x = images()
+    same = augment.random_brightness_contrast(jax.random.PRNGKey(5), jnp.asarray(x), 0.0)
+    np.testing.assert_array_equal(np.asarray(same), x)
+    out = np.asarray(augment.random_brightness_contrast(jax.random.PRNGKey(5), jnp.asarray(x)))
+    assert out.dtype == np.uint8 and not np.array_equal(out, x)
+
+
+def test_augment_spec_vmaps_and_is_deterministic():
+    x = jnp.asarray(images(b=4))
+    keys = jax.random.split(jax.random.PRNGKey(6), 3)
+    fn = jax.jit(jax.vmap(lambda k: augment.augment(k, x, "crop2,flip,rrc50,jitter20")))
+    a, b = fn(keys), fn(keys)
+    assert a.shape == (3, *x.shape) and a.dtype == x.dtype
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a[0], a[1])  # members draw their own transformations
+    np.testing.assert_array_equal(augment.augment(keys[0], x, "none"), x)
+
+
+@pytest.mark.parametrize("spec", ["crop,blur", "flip3", "rotate10"])
+def test_bad_spec_is_refused(spec):
+    with pytest.raises(ConfigError, match="unknown augmentation"):
+        augment.parse(spec)
