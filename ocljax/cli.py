@@ -164,7 +164,9 @@ def plan(args, preset: dict):
                                 expand(grid, base, seeds)))
         if hasattr(module, "check_config"):
             module.check_config(cfg)
-    unknown = [k for k, _ in sets if k not in used]
+    # A preset's settings are defaults for the learners that have them (``buffer_size`` means
+    # nothing to LwF); only the user's own --set keys must be used by some variant.
+    unknown = [k for k, _ in (parse_assignment(t, "--set") for t in args.set) if k not in used]
     if unknown:
         known = sorted({*STREAM_FIELDS, *model_settings,
                         *(k for s in specs for k in learners.config_fields(s.partition("@")[0])),
