@@ -1,0 +1,158 @@
+"""Reproduce ``docs/results.md``: every learner on split MNIST, permuted MNIST and split
+Fashion-MNIST, 5 seeds each, one command per row.
+
+    python -m experiments.results_table --data-dir ../shared/data          # all rows
+    python -m experiments.results_table --dry-run                          # print the commands
+    python -m experiments.results_table --benchmarks split_mnist --learners er,agem
+
+Each row is ``python -m experiments.BENCHMARK --learner NAME --out runs/results/BENCHMARK/NAME``
+with the benchmark's preset and the learner's own defaults (the paper's settings; see each
+learner's docstring). Rows whose run directory is already complete are skipped, so an
+interrupted reproduction resumes where it stopped. Learners that need task boundaries run with
+``--no-task-free`` (starred in the table); GDumb evaluates at task ends only (it retrains from
+scratch at every evaluation). The page is rewritten from whatever rows exist after every row,
+with the anchor run (``experiments.agem_pmnist``) when its run directory exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ocljax import learners, report
+from ocljax.errors import OCLError
+from ocljax.run.results import write_atomic
+
+BENCHMARKS = ("split_mnist", "permuted_mnist", "split_fashion_mnist")
+LEARNERS = ("finetune", "finetune@iid", "er", "er_ace", "der", "derpp", "mir", "gss", "agem",
+            "rar", "scr", "gdumb", "icarl", "lwf", "ewc_online", "mas", "er_ncm")
+EXTRA = {"gdumb": ["--eval-every", "0"]}
+ANCHOR = "agem_pmnist"
+
+HEADER = """# Reproduction table
+
+Produced by `python -m experiments.results_table --data-dir ../shared/data` (one
+`python -m experiments.BENCHMARK --learner NAME` run per row, listed below the tables) on the
+machine named at the end. Every row is 5 seeds; mean ± std over seeds.
+
+- **final acc**: average accuracy over all tasks after the last task; **anytime acc**: average
+  over the continual evaluations of the accuracy on the tasks seen so far; **forgetting**: mean
+  over tasks but the last of (best accuracy on the task) − (final accuracy on it); **online
+  acc**: test-then-train accuracy on the incoming batches. Definitions in `ocljax/metrics`.
+- Benchmarks (presets in `experiments/`): split MNIST and split Fashion-MNIST are 5 tasks of 2
+  classes, all training images, batch 10, one pass, MLP 784-256-256-10, SGD lr 0.1, task-free;
+  permuted MNIST is 10 tasks of 1,000 images each (GEM's protocol), batch 10, one pass.
+  Replay methods use a 1,000-sample memory (500 on permuted MNIST) unless their docstring
+  says otherwise.
+"""
+
+
+def row_dir(root: Path, bench: str, learner: str) -> Path:
+    """Run directory of one row."""
+    return root / bench / learner.replace("@", "-")
+
+
+def complete(path: Path) -> bool:
+    """Whether ``path`` holds a finished run."""
+    try:
+        return json.loads((path / "summary.json").read_text()).get("complete", False)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+
+
+def command(bench: str, learner: str, root: Path, data_dir: str | None) -> list[str]:
+    """The command that produces one row."""
+    cmd = [sys.executable, "-m", f"experiments.{bench}", "--learner", learner,
+           "--out", str(row_dir(root, bench, learner)), "--overwrite", "--no-plots", "--quiet"]
+    name = learner.partition("@")[0]
+    try:
+        learners.check_stream(name, True)
+    except OCLError:
+        cmd.append("--no-task-free")
+    cmd += EXTRA.get(name, [])
+    if data_dir:
+        cmd += ["--data-dir", data_dir]
+    return cmd
+
+
+def write_page(root: Path, page: Path) -> None:
+    """Rewrite the results page from every complete row under ``root``."""
+    rows, commands = [], []
+    for bench in BENCHMARKS:
+        for learner in LEARNERS:
+            d = row_dir(root, bench, learner)
+            if complete(d):
+                rows += report.load_run(d)
+                cfg = json.loads((d / "config.json").read_text())
+                commands.append((bench, learner, cfg.get("wall_s"), cfg.get("versions", {})))
+    parts = [HEADER, report.markdown(rows) if rows else "_No rows yet._"]
+    anchor = root / ANCHOR
+    if complete(anchor):
+        parts += ["## Anchor: A-GEM on permuted MNIST (17 tasks)",
+                  "`python -m experiments.agem_pmnist --data-dir ../shared/data "
+                  f"--out {anchor}`", report.markdown(report.load_run(anchor))]
+    if commands:
+        lines = ["## Commands", "", "Each adds `--data-dir ../shared/data`; starred rows add "
+                 "`--no-task-free`.", "", "| command | wall time (s) |", "|---|---|"]
+        for bench, learner, wall, _ in commands:
+            wall_text = f"{wall:.0f}" if wall else "n/a"
+            lines.append(f"| `python -m experiments.{bench} --learner {learner}` | {wall_text} |")
+        v = commands[-1][3]
+        lines += ["", f"Machine: {v.get('platform', '?')}; jax {v.get('jax', '?')}, "
+                  f"Python {v.get('python', '?')}."]
+        parts.append("\n".join(lines))
+    write_atomic(page, "\n\n".join(parts) + "\n")
+
+
+def main(argv=None) -> int:
+    """Run the missing rows, then rewrite the page."""
+    p = argparse.ArgumentParser(prog="experiments.results_table", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", dest="data_dir")
+    p.add_argument("--root", default="runs/results", help="folder of the row run directories")
+    p.add_argument("--page", default="docs/results.md")
+    p.add_argument("--benchmarks", default=",".join(BENCHMARKS))
+    p.add_argument("--learners", default=",".join(LEARNERS))
+    p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    p.add_argument("--page-only", action="store_true", help="rewrite the page, run nothing")
+    args = p.parse_args(argv)
+    root, page = Path(args.root), Path(args.page)
+    benches = [b for b in args.benchmarks.split(",") if b]
+    names = [n for n in args.learners.split(",") if n]
+    bad = [b for b in benches if b not in BENCHMARKS] + [
+        n for n in names if n.partition("@")[0] not in learners.LEARNERS]
+    if bad:
+        print(f"experiments.results_table: error: unknown {', '.join(bad)}", file=sys.stderr)
+        return 2
+    failed = []
+    for bench in benches:
+        for name in names:
+            if args.page_only or complete(row_dir(root, bench, name)):
+                continue
+            cmd = command(bench, name, root, args.data_dir)
+            print(" ".join(cmd[1:]), flush=True)
+            if args.dry_run:
+                continue
+            t0 = time.perf_counter()
+            rc = subprocess.call(cmd)
+            print(f"  -> exit {rc} in {time.perf_counter() - t0:.0f} s", flush=True)
+            if rc:
+                failed.append(f"{bench}/{name}")
+            else:
+                write_page(root, page)
+    if not args.dry_run:
+        page.parent.mkdir(parents=True, exist_ok=True)
+        write_page(root, page)
+        print(f"wrote {page}")
+    if failed:
+        print(f"failed rows: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
