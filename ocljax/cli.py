@@ -175,10 +175,28 @@ def plan(args, preset: dict):
     return args.dataset, variants
 
 
+# Stream settings that also have a flag: a preset's ``--set`` of one becomes the flag's default,
+# so the flag given on the command line wins over the preset (and a user's --set over both).
+FLAG_SETTINGS = ("n_tasks", "batch_size", "passes", "task_free", "class_order", "eval_every")
+
+
+def flag_defaults(preset: dict) -> dict:
+    """``preset`` with its ``set`` entries for ``FLAG_SETTINGS`` moved to flag defaults."""
+    keep, moved = [], {}
+    for text in preset.get("set", []):
+        key, value = parse_assignment(text, "--set")
+        if key in FLAG_SETTINGS:
+            moved[key] = parse_value(key, value, STREAM_FIELDS[key])
+        else:
+            keep.append(text)
+    return {**preset, **moved, "set": keep}
+
+
 def main(argv: Sequence[str] | None = None, *, prog: str = "ocljax", description: str = "",
          preset: dict | None = None) -> int:
     """Run an experiment from command-line arguments; returns the process exit status."""
-    preset = {"seeds": 1, "seed": 0, "learner": "er", "dataset": "digits", **(preset or {})}
+    preset = flag_defaults({"seeds": 1, "seed": 0, "learner": "er", "dataset": "digits",
+                            **(preset or {})})
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(prog, description, preset).parse_args(argv)
     try:

@@ -167,3 +167,38 @@ def test_precision_flag_reaches_the_model_config():
     args.set = ["precision=fp8"]
     with pytest.raises(ConfigError, match="unknown precision 'fp8'"):
         plan(args, preset)
+
+
+def test_flags_override_preset_settings_and_user_set_overrides_both():
+    from ocljax.cli import build_parser, flag_defaults, plan
+
+    preset = flag_defaults({"seeds": 1, "seed": 0, "learner": "er", "dataset": "synthetic",
+                            "set": ["eval_every=100", "buffer_size=30"]})
+
+    def planned(argv):
+        args = build_parser("t", "", preset).parse_args(argv)
+        return plan(args, preset)[1][0]
+
+    assert planned([]).stream.eval_every == 100
+    v = planned(["--eval-every", "0"])
+    assert v.stream.eval_every == 0 and v.learner_config.buffer_size == 30
+    assert planned(["--eval-every", "0", "--set", "eval_every=7"]).stream.eval_every == 7
+
+
+def test_preset_settings_a_learner_lacks_are_ignored_but_user_typos_are_not(capsys):
+    from ocljax.cli import build_parser, plan
+
+    preset = {"seeds": 1, "seed": 0, "learner": "finetune", "dataset": "synthetic",
+              "set": ["buffer_size=30"]}  # finetune has no buffer
+    variant = plan(build_parser("t", "", preset).parse_args([]), preset)[1][0]
+    assert variant.learner == "finetune"
+    assert main(["--learner", "finetune", "--set", "bufer=1", "--no-out"], prog="t",
+                preset=preset) == 2
+    assert "unknown setting(s) bufer" in capsys.readouterr().err
+
+
+def test_learner_needing_boundaries_is_refused_on_a_task_free_stream(capsys):
+    code = main([*TINY, "--learner", "icarl", "--task-free", "--no-out"], prog="t")
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "icarl needs task boundaries" in err and "er_ncm" in err
