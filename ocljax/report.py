@@ -3,7 +3,8 @@
 Reads each run directory's ``config.json`` and ``summary.json`` (written by every experiment)
 and prints one Markdown table per benchmark (experiment and dataset): a row per variant and
 hyperparameter setting, each metric as mean ± std over the seeds that did not diverge, the best
-value of each column in bold (highest accuracy, lowest forgetting). ``--out DIR`` also writes
+value of each column in bold (highest accuracy, lowest forgetting; ``@iid`` upper-bound rows are
+not ranked). ``--out DIR`` also writes
 ``report.md`` and ``report.csv`` there (atomically).
 
 Rows are labelled with the variant (``er``, ``finetune@iid``, ...), ``*`` when the learner was
@@ -96,8 +97,8 @@ def row_name(row: Row, show_hparams: bool) -> str:
 
 def _best(rows: list[Row], metric: str) -> float | None:
     higher = COLUMNS[metric][1]
-    means = [r.stats[metric]["mean"] for r in rows
-             if r.stats.get(metric) and r.stats[metric]["mean"] is not None]
+    means = [r.stats[metric]["mean"] for r in rows if not r.label.endswith("@iid")
+             and r.stats.get(metric) and r.stats[metric]["mean"] is not None]
     if not means:
         return None
     return max(means) if higher else min(means)
@@ -137,8 +138,9 @@ def markdown(rows: list[Row], columns: Sequence[str] = DEFAULT_COLUMNS) -> str:
             cells = [row_name(r, show_hp), *(_cell(r, c, best[c]) for c in columns), seeds]
             lines.append("| " + " | ".join(cells) + " |")
         parts.append("\n".join(lines))
-    note = ("\n\nMean ± std over seeds; best per column in bold; `*`: the learner was given "
-            "task boundaries (all other rows are task-free).")
+    note = ("\n\nMean ± std over seeds; best per column in bold (`@iid` rows, trained on the "
+            "i.i.d. mixture of the stream, are the joint upper bound and are not ranked); `*`: "
+            "the learner was given task boundaries (all other rows are task-free).")
     return "\n\n".join(parts) + (note if parts else "")
 
 

@@ -33,16 +33,18 @@ def fake_run(path, experiment, groups, task_free=True, complete=True):
 def test_table_marks_best_per_column_and_boundaries(tmp_path):
     a = fake_run(tmp_path / "a", "split_mnist", [("er", {}, 0.90, 0.05, 0)])
     b = fake_run(tmp_path / "b", "split_mnist", [("icarl", {}, 0.85, 0.02, 1)], task_free=False)
-    c = fake_run(tmp_path / "c", "permuted_mnist", [("agem", {}, 0.7, 0.1, 0)])
+    c = fake_run(tmp_path / "c", "permuted_mnist", [("agem", {}, 0.7, 0.1, 0),
+                                                    ("finetune@iid", {}, 0.9, 0.0, 0)])
     rows = [*report.load_run(a), *report.load_run(b), *report.load_run(c)]
     text = report.markdown(rows)
     split, perm = text.split("### permuted_mnist")
     assert "| er | **0.900 ± 0.010** | n/a | 0.050 ± 0.020 | n/a | 5 |" in split
     # lower forgetting is better; the boundary-aware row is starred, its divergence counted
     assert "| icarl* | 0.850 ± 0.010 | n/a | **0.020 ± 0.020** | n/a | 5 (1 diverged) |" in split
-    assert "**0.700 ± 0.010**" in perm  # each benchmark has its own best
+    assert "**0.700 ± 0.010**" in perm  # each benchmark has its own best ...
+    assert "| finetune@iid | 0.900 ± 0.010 |" in perm  # ... and upper bounds are not ranked
     parsed = list(csv.DictReader(io.StringIO(report.to_csv(rows))))
-    assert [r["variant"] for r in parsed] == ["er", "icarl", "agem"]
+    assert [r["variant"] for r in parsed] == ["er", "icarl", "agem", "finetune@iid"]
     assert parsed[1]["boundaries"] == "True" and parsed[0]["boundaries"] == "False"
     assert float(parsed[0]["final_average_accuracy_mean"]) == 0.9
 
