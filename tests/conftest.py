@@ -12,7 +12,10 @@ from ocljax import data, learners, models
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 # Smallest sensible static settings for any learner config field of this name.
-TINY_CONFIG = {"buffer_size": 8, "replay_batch": 3}
+TINY_CONFIG = {
+    "buffer_size": 8, "replay_batch": 3, "mem_batch": 3, "candidates": 6,
+    "patterns_per_task": 4, "max_tasks": 3, "retrain_epochs": 1, "retrain_batch": 4,
+}
 
 
 def tiny_learner(name: str, num_classes: int = 4):

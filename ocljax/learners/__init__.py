@@ -4,9 +4,10 @@ Modules are imported on first use, so ``python -m experiments.NAME --help`` stay
 learner's import cost is paid only by runs that use it. Every registered learner is covered by
 the contract suite in ``tests/test_learner_contract.py``.
 
-A module may set ``REQUIRES_BOUNDARIES = True`` when it cannot run without the stream's task
-boundaries (``Batch.boundary``); ``check_stream`` then refuses it on a ``--task-free`` stream
-with a message that names the method's task-free alternative.
+A module that cannot run without the stream's task boundaries (``Batch.boundary``) defines
+``requires_boundaries(cfg) -> bool`` (True for every config, or only for some settings, e.g.
+A-GEM's per-task memory) and may define ``TASK_FREE_HINT``, a sentence naming its task-free
+alternative; ``check_stream`` then refuses it on a ``--task-free`` stream with that message.
 """
 
 from __future__ import annotations
@@ -23,6 +24,19 @@ LEARNERS: dict[str, tuple[str, str]] = {
     "finetune": ("finetune", "plain SGD on the stream, no memory (lower bound)"),
     "er": ("er", "experience replay from a reservoir buffer"),
     "er_ncm": ("er_ncm", "ER with a nearest-class-mean classifier"),
+    "er_ace": ("er_ace", "ER with asymmetric cross-entropy (Caccia et al. 2022)"),
+    "der": ("der", "dark experience replay: logit matching (Buzzega et al. 2020)"),
+    "derpp": ("der", "DER++: logit matching plus label replay (Buzzega et al. 2020)"),
+    "mir": ("mir", "maximally interfered retrieval (Aljundi et al. 2019)"),
+    "gdumb": ("gdumb", "greedy balanced memory, retrain at evaluation (Prabhu et al. 2020)"),
+    "agem": ("agem", "averaged gradient episodic memory (Chaudhry et al. 2019)"),
+    "gss": ("gss", "gradient-based sample selection, greedy (Aljundi et al. 2019)"),
+    "rar": ("rar", "retrospective adversarial replay (Kumari et al. 2022)"),
+    "scr": ("scr", "supervised contrastive replay with NCM (Mai et al. 2021)"),
+    "icarl": ("icarl", "herding exemplars, distillation, NME (Rebuffi et al. 2017)"),
+    "lwf": ("lwf", "learning without forgetting (Li & Hoiem 2016)"),
+    "ewc_online": ("ewc_online", "online EWC / EWC++ (Schwarz et al. 2018)"),
+    "mas": ("mas", "memory aware synapses, task-free (Aljundi et al. 2018, 2019)"),
 }
 
 
@@ -66,15 +80,24 @@ def hparam_fields(name: str) -> dict[str, float]:
     return dict(get(name).HParams()._asdict())
 
 
-def check_stream(name: str, task_free: bool) -> None:
-    """Refuse a learner that needs task boundaries on a task-free stream."""
+def check_stream(name: str, task_free: bool, cfg: object = None) -> None:
+    """Refuse learner ``name`` with static config ``cfg`` (default: its defaults) on a
+    task-free stream when it needs task boundaries."""
     module = get(name)
-    if task_free and getattr(module, "REQUIRES_BOUNDARIES", False):
+    needs = getattr(module, "requires_boundaries", None)
+    if task_free and needs is not None and needs(cfg if cfg is not None else module.Config()):
         hint = getattr(module, "TASK_FREE_HINT", "")
         raise ConfigError(
             f"{name} needs task boundaries, but the stream is task-free (--task-free hides "
             f"them); run it with --no-task-free" + (f", or {hint}" if hint else "")
         )
+
+
+def __getattr__(attr: str) -> ModuleType:
+    """``ocljax.learners.er`` etc. without importing every learner up front."""
+    if attr in {module for module, _ in LEARNERS.values()} | {"supervised"}:
+        return importlib.import_module(f"ocljax.learners.{attr}")
+    raise AttributeError(f"module 'ocljax.learners' has no attribute {attr!r}")
 
 
 __all__ = ["LEARNERS", "REGISTRY", "check_stream", "config_fields", "get", "hparam_fields"]
