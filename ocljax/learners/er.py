@@ -92,6 +92,18 @@ def replay_rows(buffer, key, n: int, stream: dict) -> tuple[dict, Array]:
     return jax.tree.map(pick, rows, filler), mask
 
 
+def hold(state, stream: dict, fresh) -> State:
+    """``state`` with the incoming batch ``stream`` pending (written at the next fresh step)
+    when ``fresh``; on repeat passes the earlier pending batch stays. Works for any learner
+    state with ER's ``pending`` / ``pending_valid`` fields."""
+    keep = lambda new, old: jnp.where(fresh, new, old)  # noqa: E731
+    n_stream = jax.tree.leaves(stream)[0].shape[0]
+    return state._replace(
+        pending=jax.tree.map(keep, stream, state.pending),
+        pending_valid=keep(jnp.ones((n_stream,), bool), state.pending_valid),
+    )
+
+
 def update_state(model: Model, cfg: Config, state: State, batch: Batch, hp, key):
     """One ER step: write the pending batch, replay, train on stream + replay rows.
 
@@ -106,15 +118,8 @@ def update_state(model: Model, cfg: Config, state: State, batch: Batch, hp, key)
     y = jnp.concatenate([batch.y, replay["y"]])
     mask = jnp.concatenate([jnp.ones_like(batch.y, bool), replay_mask])
     net, loss, logits = cross_entropy_step(model, cfg.optimizer, state.net, x, y, mask, hp.lr)
-    n_stream = batch.y.shape[0]
-    keep = lambda new, old: jnp.where(batch.fresh, new, old)  # noqa: E731
-    state = State(
-        net=net,
-        buffer=state.buffer,
-        pending=jax.tree.map(keep, stream, state.pending),
-        pending_valid=keep(jnp.ones((n_stream,), bool), state.pending_valid),
-    )
-    return state, {"loss": loss, "stream_logits": logits[:n_stream]}
+    state = hold(state._replace(net=net), stream, batch.fresh)
+    return state, {"loss": loss, "stream_logits": logits[:batch.y.shape[0]]}
 
 
 def make(model: Model, cfg: Config | None = None) -> Learner:

@@ -121,14 +121,7 @@ def update_state(model: Model, cfg: Config, state: State, batch: Batch, hp, key)
         return loss, (logits, model_state)
 
     net, loss, logits = gradient_step(cfg.optimizer, inner.net, loss_fn, hp.lr)
-    keep = lambda new, old: jnp.where(batch.fresh, new, old)  # noqa: E731
-    new = State(
-        net=net,
-        buffer=inner.buffer,
-        pending=jax.tree.map(keep, stream, inner.pending),
-        pending_valid=keep(jnp.ones((n_stream,), bool), inner.pending_valid),
-        seen=seen,
-    )
+    new = er.hold(inner._replace(net=net, seen=seen), stream, batch.fresh)
     return new, {"loss": loss, "stream_logits": logits[:n_stream]}
 
 

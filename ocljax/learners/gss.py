@@ -175,14 +175,8 @@ def update_state(model: Model, cfg: Config, state: State, batch: Batch, hp, key)
     y = jnp.concatenate([batch.y, replay["y"]])
     mask = jnp.concatenate([jnp.ones_like(batch.y, bool), replay_mask])
     net, loss, logits = cross_entropy_step(model, cfg.optimizer, state.net, x, y, mask, hp.lr)
-    n_stream = batch.y.shape[0]
-    keep = lambda new, old: jnp.where(batch.fresh, new, old)  # noqa: E731
-    state = state._replace(
-        net=net,
-        pending=jax.tree.map(keep, stream, state.pending),
-        pending_valid=keep(jnp.ones((n_stream,), bool), state.pending_valid),
-    )
-    return state, {"loss": loss, "stream_logits": logits[:n_stream]}
+    state = er.hold(state._replace(net=net), stream, batch.fresh)
+    return state, {"loss": loss, "stream_logits": logits[:batch.y.shape[0]]}
 
 
 def make(model: Model, cfg: Config | None = None) -> Learner:

@@ -180,13 +180,7 @@ def update_state(model: Model, cfg: Config, state: State, batch: Batch, hp, key)
         return (weights * per_row).sum() / norm, (logits, model_state)
 
     net, loss, logits = gradient_step(cfg.optimizer, state.net, loss_fn, hp.lr)
-    keep = lambda new, old: jnp.where(batch.fresh, new, old)  # noqa: E731
-    state = State(
-        net=net,
-        buffer=state.buffer,
-        pending=jax.tree.map(keep, stream, state.pending),
-        pending_valid=keep(jnp.ones((n_stream,), bool), state.pending_valid),
-    )
+    state = er.hold(state._replace(net=net), stream, batch.fresh)
     return state, {"loss": loss, "stream_logits": logits[:n_stream]}
 
 
