@@ -20,7 +20,7 @@ PRESET = {
     "seeds": 5,
     "task_free": True,
     "set": ["samples_per_task=1000", "test_per_task=2000", "eval_per_task=500",
-            "buffer_size=500", "lr=0.1", "batch_size=10", "eval_every=25"],
+            "buffer_size=500", "lr=0.1", "batch_size=10", "eval_every=25", "near_future=10"],
 }
 
 if __name__ == "__main__":

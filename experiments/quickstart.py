@@ -18,7 +18,8 @@ PRESET = {
     "learner": "finetune,er,finetune@iid",
     "dataset": "digits",
     "seeds": 5,
-    "set": ["width=64", "buffer_size=200", "passes=3", "eval_every=10", "eval_per_task=0"],
+    "set": ["width=64", "buffer_size=200", "passes=3", "eval_every=10", "eval_per_task=0",
+            "near_future=5"],
 }
 
 if __name__ == "__main__":

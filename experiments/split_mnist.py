@@ -19,7 +19,7 @@ PRESET = {
     "seeds": 5,
     "task_free": True,
     "set": ["buffer_size=1000", "replay_batch=10", "lr=0.1", "batch_size=10", "passes=1",
-            "eval_every=100"],
+            "eval_every=100", "near_future=10"],
 }
 
 if __name__ == "__main__":

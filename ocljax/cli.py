@@ -59,6 +59,13 @@ def build_parser(prog: str, description: str, preset: dict) -> argparse.Argument
     p.add_argument("--class-order", choices=("fixed", "random"), dest="class_order")
     p.add_argument("--eval-every", type=int, dest="eval_every",
                    help="steps between continual evaluations")
+    p.add_argument("--near-future", type=int, dest="near_future", metavar="S",
+                   help="also score each step's model on the incoming batch S batches later "
+                   "(near-future accuracy, Hammoud et al. 2023; 0: off)")
+    p.add_argument("--eval-dense", type=int, dest="eval_dense_every", metavar="N",
+                   help="evaluate every N steps during the first --eval-dense-window steps of "
+                   "each task (full-resolution stability gap; 0: off)")
+    p.add_argument("--eval-dense-window", type=int, dest="eval_dense_window", metavar="W")
     p.add_argument("--model", help="mlp | cnn | cnn_bn | resnet18")
     p.add_argument("--precision", choices=PRECISIONS,
                    help="matmul precision: float32 (default), tf32 (GPU TensorFloat-32) or "
@@ -177,7 +184,8 @@ def plan(args, preset: dict):
 
 # Stream settings that also have a flag: a preset's ``--set`` of one becomes the flag's default,
 # so the flag given on the command line wins over the preset (and a user's --set over both).
-FLAG_SETTINGS = ("n_tasks", "batch_size", "passes", "task_free", "class_order", "eval_every")
+FLAG_SETTINGS = ("n_tasks", "batch_size", "passes", "task_free", "class_order", "eval_every",
+                 "near_future", "eval_dense_every", "eval_dense_window")
 
 
 def flag_defaults(preset: dict) -> dict:

@@ -36,7 +36,8 @@ def swept_hparams(module):
     one program must serve both, so no hparam may reach Python control flow or a shape."""
     base = module.HParams()
     low = {k: v * 0.5 for k, v in base._asdict().items()}
-    return [module.HParams(**{**low, "lr": 0.05}), module.HParams(**{**base._asdict(), "lr": 0.2})]
+    lr = ({"lr": 0.05}, {"lr": 0.2}) if "lr" in base._fields else ({}, {})
+    return [module.HParams(**{**low, **lr[0]}), module.HParams(**{**base._asdict(), **lr[1]})]
 
 
 def step_of(stack, i):

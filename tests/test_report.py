@@ -5,6 +5,7 @@ import csv
 import io
 import json
 
+import numpy as np
 import pytest
 
 from ocljax import report
@@ -80,3 +81,198 @@ def test_report_of_a_real_run_writes_markdown_and_csv(tmp_path, capsys):
     assert "| finetune* |" in printed and "| er* |" in printed and "±" in printed
     assert (tmp_path / "rep" / "report.md").read_text().strip() == printed.strip()
     assert len((tmp_path / "rep" / "report.csv").read_text().splitlines()) == 3
+
+
+# --- plots, HTML and TensorBoard from hand-written run directories ---------------------------
+
+def rich_run(path, blind=True):
+    """Two tasks, groups er (seeds 0, 1; seed 2 diverged) and finetune (seed 0); evaluations at
+    steps 0 (initial), 10, 20 (end of task 0), 30, 40 (end of task 1)."""
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({
+        "experiment": "split_x", "dataset": "synthetic",
+        "variants": [{"label": v, "learner": v, "stream": {"task_free": True, "iid": False}}
+                     for v in ("er", "finetune")],
+        "command": ["experiments.split_x", "--learner", "er,finetune", "--out", "a b"]}))
+    R = {0: [[0.8, 0.0], [0.6, 0.9]], 1: [[1.0, 0.0], [0.4, 0.7]], 2: [[0.0, 0.0], [0.0, 0.0]],
+         3: [[0.5, 0.0], [0.0, 1.0]]}
+    members = [{"member": m, "variant": v, "seed": s, "hparams": {"lr": 0.1},
+                "acc_matrix": R[m], "diverged": m == 2, "diverged_block": 1 if m == 2 else None}
+               for m, v, s in ((0, "er", 0), (1, "er", 1), (2, "er", 2), (3, "finetune", 0))]
+    stats = {"er": {"online_accuracy": {"mean": 0.972, "std": 0.001},
+                    "near_future_accuracy": {"mean": 0.95, "std": 0.002},
+                    "min_accuracy": {"mean": 0.4, "std": 0.1},
+                    "flops_per_sample": {"mean": 1.2e9, "std": 0.0},
+                    "memory_per_member_bytes": {"mean": 8283750, "std": 0.0},
+                    "wall_s_per_member": {"mean": 0.25, "std": 0.0}},
+             "finetune": {"online_accuracy": {"mean": 0.5, "std": 0.0},
+                          "min_accuracy": {"mean": None, "std": None}}}
+    if blind:
+        stats["er"]["blind_online_accuracy"] = {"mean": 0.9, "std": 0.0}
+        stats["er"]["blind_near_future_accuracy"] = {"mean": 0.875, "std": 0.0}
+    groups = [{"variant": v, "hparams": {"lr": 0.1}, "n": n, "n_diverged": nd,
+               "final_average_accuracy": {"mean": 0.65, "std": 0.05}, **stats[v]}
+              for v, n, nd in (("er", 2, 1), ("finetune", 1, 0))]
+    (path / "summary.json").write_text(json.dumps(
+        {"complete": True, "members": members, "groups": groups}))
+    # acc per member at steps 10, 20, 30, 40 (task 0, 0, 1, 1)
+    acc = {0: [[0.5, 0.1], [0.8, 0.0], [0.4, 0.5], [0.6, 0.9]],
+           1: [[0.7, 0.1], [1.0, 0.0], [0.2, 0.5], [0.4, 0.7]],
+           2: [[None, None]] * 4,
+           3: [[0.5, 0.0], [0.5, 0.0], [0.0, 1.0], [0.0, 1.0]]}
+    lines = []
+    for m in members:
+        lines.append({"member": m["member"], "variant": m["variant"], "seed": m["seed"],
+                      "hparams": m["hparams"], "step": 0, "kind": "initial", "task": -1,
+                      "acc": [0.1, 0.1], "anytime_accuracy": None})
+        for k, (step, task, kind) in enumerate(((10, 0, "continual"), (20, 0, "task_end"),
+                                                (30, 1, "continual"), (40, 1, "task_end"))):
+            a = acc[m["member"]][k]
+            any_acc = None if a[0] is None else sum(a[:task + 1]) / (task + 1)
+            lines.append({"member": m["member"], "variant": m["variant"], "seed": m["seed"],
+                          "hparams": m["hparams"], "step": step, "kind": kind, "task": task,
+                          "acc": a, "anytime_accuracy": any_acc,
+                          "acc_task_aware": a, "cumulative_accuracy": 0.5})
+    (path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return path
+
+
+PLOTS = ("accuracy_matrix_grid.png", "anytime_accuracy.png", "online_near_future_blind.png",
+         "stability_gap.png")
+
+
+def test_blind_numbers_sit_beside_online_and_near_future_accuracy(tmp_path):
+    rows = report.load_run(rich_run(tmp_path / "r"))
+    text = report.markdown(rows, ["online_accuracy", "near_future_accuracy",
+                                  "blind_online_accuracy"])
+    assert ("| er | **0.972 ± 0.001** (blind 0.90) | **0.950 ± 0.002** (blind 0.88) "
+            "| 0.900 ± 0.000 | 2 (1 diverged) |") in text  # blind column itself is not ranked
+    assert "| finetune | 0.500 ± 0.000 | n/a | n/a | 1 |" in text
+    assert "`(blind x)`" in text
+    # without blind numbers the cell and the note are as before
+    plain = report.markdown(report.load_run(rich_run(tmp_path / "p", blind=False)))
+    assert "| **0.972 ± 0.001** | 2 (1 diverged) |" in plain and "blind" not in plain
+
+
+def test_compute_columns_are_human_readable_and_never_bold(tmp_path):
+    rows = report.load_run(rich_run(tmp_path / "r"))
+    text = report.markdown(rows, ["flops_per_sample", "memory_per_member_bytes",
+                                  "wall_s_per_member", "steps_per_sample"])
+    assert "| er | 1.2 GFLOP | 7.9 MiB | 250 ms | n/a | 2 (1 diverged) |" in text
+    assert report.human_flops(999.96e6) == "1.0 GFLOP"
+    assert report.human_flops(512) == "512 FLOP"
+    assert report.human_bytes(900) == "900 B" and report.human_bytes(1536) == "1.5 KiB"
+    assert report.human_seconds(12.34) == "12.3 s" and report.human_seconds(90) == "1.5 min"
+    assert report.human_seconds(5400) == "1.5 h"
+    rows[0].stats["flops_per_sample"] = {"mean": 2e6, "std": 1e5}
+    assert "2.0 MFLOP ± 100.0 kFLOP" in report.markdown(rows, ["flops_per_sample"])
+
+
+def test_series_are_seed_means_without_diverged_members(tmp_path):
+    from ocljax import report_data
+
+    rows = report.load_run(rich_run(tmp_path / "r"))
+    names, labels = report.display_names(rows)
+    er, ft = report_data.load_series(rows, names, labels)
+    assert names == ["er", "finetune"]
+    assert er.acc_matrices.shape == (2, 2, 2)  # member 2 diverged
+    np.testing.assert_allclose(er.mean_matrix(), [[0.9, 0.0], [0.5, 0.8]])
+    np.testing.assert_array_equal(er.steps, [10, 20, 30, 40])  # the initial row is left out
+    np.testing.assert_array_equal(er.eval_task, [0, 0, 1, 1])
+    assert er.task_ends == {0: 20, 1: 40}
+    mean, std = report_data.nan_mean_std(er.anytime)
+    np.testing.assert_allclose(mean, [0.6, 0.9, 0.4, 0.65])
+    np.testing.assert_allclose(std, [0.1, 0.1, 0.05, 0.1])
+    np.testing.assert_allclose(ft.task_acc[0, :, 1], [0.0, 0.0, 1.0, 1.0])
+    scalars = report_data.tensorboard_scalars([er, ft])
+    assert list(scalars) == ["er", "finetune"]
+    assert ("anytime_accuracy/mean", 40, pytest.approx(0.65)) in scalars["er"]
+    assert ("accuracy_on_task/0", 30, pytest.approx(0.3)) in scalars["er"]
+
+
+def test_out_writes_tables_plots_and_a_self_contained_page(tmp_path, capsys):
+    run = rich_run(tmp_path / "r")
+    out = tmp_path / "rep"
+    assert report.main([str(run), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert (out / "report.md").read_text().strip() == printed.strip()
+    for name in PLOTS:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    page = (out / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 4
+    assert "<th>online acc ↑</th>" in page and "<h3>split_x (synthetic)</h3>" in page
+    assert ('<td><strong>0.972 ± 0.001</strong> <span class="blind">(blind 0.90)</span></td>'
+            in page)
+    assert "experiments.split_x --learner er,finetune --out &#x27;a b&#x27;" in page
+    parsed = list(csv.DictReader(io.StringIO((out / "report.csv").read_text())))
+    assert parsed[0]["blind_online_accuracy_mean"] == "0.9"
+    assert parsed[1]["blind_online_accuracy_mean"] == ""
+
+
+def test_html_escapes_labels(tmp_path):
+    run = fake_run(tmp_path / "r", "<b>x</b>", [("er&<i>", {}, 0.5, 0.1, 0)])
+    out = tmp_path / "rep"
+    assert report.main([str(run), "--out", str(out), "--no-plots"]) == 0
+    page = (out / "report.html").read_text()
+    assert "&lt;b&gt;x&lt;/b&gt;" in page and "er&amp;&lt;i&gt;" in page
+    assert "<b>x</b>" not in page and "<i>" not in page
+    assert not any((out / n).exists() for n in PLOTS)
+
+
+def test_plots_without_their_data_are_skipped(tmp_path, capsys):
+    old = fake_run(tmp_path / "old", "x", [("er", {}, 0.5, 0.1, 0)])  # no members, no evals
+    out = tmp_path / "rep"
+    assert report.main([str(old), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["report.csv", "report.html", "report.md"]
+    assert err.count("skipped") == 4 and "stability_gap.png skipped" in err
+    assert "data:image/png" not in (out / "report.html").read_text()
+    # a run without the blind metrics still gets its bars; one without eval.jsonl its matrices
+    run = rich_run(tmp_path / "r", blind=False)
+    (run / "eval.jsonl").unlink()
+    out2 = tmp_path / "rep2"
+    assert report.main([str(run), str(old), "--out", str(out2)]) == 0
+    assert (out2 / "accuracy_matrix_grid.png").exists()
+    assert (out2 / "online_near_future_blind.png").exists()
+    assert not (out2 / "anytime_accuracy.png").exists()
+    assert not (out2 / "stability_gap.png").exists()
+
+
+def test_tensorboard_export_round_trips(tmp_path, capsys):
+    from ocljax.run import tensorboard as tb
+
+    run = rich_run(tmp_path / "r")
+    assert report.main([str(run), "--tensorboard", str(tmp_path / "tb")]) == 0
+    assert sorted(p.name for p in (tmp_path / "tb").iterdir()) == ["er", "finetune"]
+    got = tb.read_scalars(tmp_path / "tb" / "finetune" / tb.EVENT_FILE)
+    f32 = lambda x: float(np.float32(x))  # noqa: E731
+    want = []
+    for step, anytime, a0, a1 in ((10, 0.5, 0.5, 0.0), (20, 0.5, 0.5, 0.0),
+                                  (30, 0.5, 0.0, 1.0), (40, 0.5, 0.0, 1.0)):
+        want += [("anytime_accuracy/mean", step, f32(anytime)), ("anytime_accuracy/std", step, 0.0),
+                 ("accuracy_on_task/0", step, f32(a0)), ("accuracy_on_task/1", step, f32(a1))]
+    assert got == want
+    er = tb.read_scalars(tmp_path / "tb" / "er" / tb.EVENT_FILE)
+    assert ("anytime_accuracy/mean", 40, f32(0.65)) in er
+    # no eval.jsonl: nothing to write, said on stderr, still exit 0
+    capsys.readouterr()
+    old = fake_run(tmp_path / "old", "x", [("er", {}, 0.5, 0.1, 0)])
+    assert report.main([str(old), "--tensorboard", str(tmp_path / "tb2")]) == 0
+    assert "no evaluation curves" in capsys.readouterr().err
+
+
+def test_cli_rejects_non_run_directories_and_bad_flags(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert report.main([str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert "ocljax.report: error:" in err and "not a finished run directory" in err
+    assert "config.json" in err
+    (tmp_path / "file").write_text("x")
+    assert report.main([str(tmp_path / "file")]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+    run = rich_run(tmp_path / "r")
+    assert report.main([str(run), "--html"]) == 2
+    assert "give --out DIR" in capsys.readouterr().err
+    (run / "eval.jsonl").write_text('{"member": 0}\n{broken\n')
+    assert report.main([str(run), "--out", str(tmp_path / "o")]) == 2
+    assert "eval.jsonl:2: corrupt JSON" in capsys.readouterr().err

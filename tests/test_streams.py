@@ -75,6 +75,10 @@ def test_schedule_blocks_align_task_ends_and_pad():
     ({"kind": "rotated"}, "unknown stream"),
     ({"eval_every": -1}, "eval_every must be >= 0"),
     ({"class_order": "sorted"}, "class_order"),
+    ({"eval_every": 10, "eval_dense_every": 4}, "multiple of eval_dense_every"),
+    ({"eval_dense_window": 8}, "needs eval_dense_every"),
+    ({"near_future": -2}, "near_future must be >= 0"),
+    ({"blind_window": 0}, "blind_window must be >= 1"),
 ])
 def test_bad_stream_settings(tiny_ds, kw, message):
     with pytest.raises(ConfigError, match=message):
@@ -88,3 +92,30 @@ def test_task_end_only_schedule_has_no_continual_evaluations():
     assert set(kinds.tolist()) == {schedule.EVAL_NONE, schedule.EVAL_TASK_END}
     assert (kinds == schedule.EVAL_TASK_END).sum() == 2
     assert sch.steps.valid.sum() == 603 and sch.total_steps == 603
+
+
+def test_dense_evaluation_after_each_boundary():
+    # tasks of 20 and 12 steps; every 2 steps during the first 6 of a task, else every 8
+    sch = schedule.build([20, 12], passes=1, eval_every=8, dense_every=2, dense_window=6)
+    assert sch.block_len == 2
+    evaluated = sch.end_step[sch.eval_kind != schedule.EVAL_NONE].tolist()
+    assert evaluated == [2, 4, 6, 8, 16, 20, 22, 24, 26, 28, 32]
+    assert (sch.eval_kind == schedule.EVAL_TASK_END).sum() == 2
+    # same continual evaluations as the plain schedule outside the window
+    plain = schedule.build([20, 12], passes=1, eval_every=8)
+    assert set(plain.end_step[plain.eval_kind != 0].tolist()) <= set(evaluated)
+
+
+def test_near_future_names_the_batch_s_ahead_on_fresh_steps_only():
+    sch = schedule.build([3, 2], passes=2, eval_every=0, near_future=2)
+    valid = sch.steps.valid
+    batch, future, fresh = sch.steps.batch[valid], sch.steps.future[valid], sch.steps.fresh[valid]
+    assert batch.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert future.tolist() == [2, -1, 3, -1, 4, -1, -1, -1, -1, -1]  # crosses the boundary
+    assert (future[~fresh] == -1).all()
+    orders = np.arange(5 * 3).reshape(1, 5, 3).astype(np.int32)
+    (chunk,) = schedule.chunks(sch, orders, blocks_per_chunk=sch.n_blocks)
+    np.testing.assert_array_equal(chunk.future_idx[0, 0, 0], orders[0, 2])
+    off = schedule.build([3, 2], passes=2, eval_every=0)
+    assert (off.steps.future == -1).all()
+    assert next(schedule.chunks(off, orders, 1)).future_idx is None

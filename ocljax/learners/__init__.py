@@ -37,6 +37,7 @@ LEARNERS: dict[str, tuple[str, str]] = {
     "lwf": ("lwf", "learning without forgetting (Li & Hoiem 2016)"),
     "ewc_online": ("ewc_online", "online EWC / EWC++ (Schwarz et al. 2018)"),
     "mas": ("mas", "memory aware synapses, task-free (Aljundi et al. 2018, 2019)"),
+    "blind": ("blind", "input-blind baseline: most frequent recent label (Hammoud et al. 2023)"),
 }
 
 

@@ -37,6 +37,8 @@ from jax.sharding import PartitionSpec as P
 from ocljax import precision as precision_lib
 from ocljax.data.dataset import Dataset
 from ocljax.errors import ConfigError
+from ocljax.learners import blind
+from ocljax.run import evaluation
 from ocljax.run.evaluation import EvalPool, make_pool, per_task_accuracy
 from ocljax.streams.schedule import EVAL_CONTINUAL, EVAL_TASK_END
 from ocljax.streams.stream import Stream
@@ -60,7 +62,7 @@ def shard_map(f, *, mesh, in_specs, out_specs):
 class RunResult:
     """Everything a run measured, as host arrays (members along axis 0)."""
 
-    acc: np.ndarray  # [M, E, T] per-task accuracy at each evaluation (E includes step 0)
+    acc: np.ndarray  # [M, E, T] per-task (class-IL) accuracy at each evaluation (E: step 0 too)
     eval_step: np.ndarray  # [E] steps trained before the evaluation
     eval_kind: np.ndarray  # [E] EVAL_CONTINUAL or EVAL_TASK_END (step 0 counts as task end)
     eval_task: np.ndarray  # [E] task being trained (-1 for the initial evaluation)
@@ -73,6 +75,11 @@ class RunResult:
     trace_count: int
     final_state: object = None
     extra: dict = field(default_factory=dict)
+    task_aware: np.ndarray | None = None  # [M, E, T] task-aware accuracy (``evaluation``)
+    cumulative: np.ndarray | None = None  # [M, E, T] cumulative accuracy on tasks 0..k
+    near_future_accuracy: np.ndarray | None = None  # [M] (NaN when ``near_future`` is off)
+    blind_online_accuracy: np.ndarray | None = None  # [M] the input-blind baseline's ...
+    blind_near_future_accuracy: np.ndarray | None = None  # [M] ... on the same batches
 
     @property
     def n_members(self) -> int:
@@ -141,28 +148,36 @@ def over_members(f, in_axes, members_per_device: int):
 class Program:
     """The compiled pieces of a run for one learner, stream layout and member count."""
 
-    def __init__(self, learner: Learner, stream: Stream, mesh, members_per_device: int):
+    def __init__(self, learner: Learner, stream: Stream, mesh, members_per_device: int,
+                 num_classes: int):
         self.learner, self.stream, self.mesh = learner, stream, mesh
         self.trace_count = 0
         hide = stream.cfg.task_free or stream.cfg.iid
+        near_future = stream.cfg.near_future > 0
         evaluate = partial(per_task_accuracy, learner, stream.transform, stream.eval_tasks,
                            stream.n_views, stream.n_tasks)
         n_tasks = stream.n_tasks
 
-        def member_chunk(state, hp, key, aux, idx, steps, eval_kind, end_step, pools):
+        def member_chunk(carried, hp, key, aux, idx, fidx, steps, eval_kind, end_step, pools):
+            """One member through one chunk. ``carried`` is (learner state, blind baseline
+            state); ``counts`` [4] int32 tallies the hits of online, near-future, blind online
+            and blind near-future prediction."""
             self.trace_count += 1  # Python side effect: counts traces, not executions
             train_x, train_y, full, cont = pools
             step_key, eval_key = jax.random.fold_in(key, 1), jax.random.fold_in(key, 2)
+            n_pool = train_y.shape[0]
+
+            def fetch(idx_s):
+                view, sample = idx_s // n_pool, idx_s % n_pool  # virtual index -> view, sample
+                return stream.transform(aux, view, train_x[sample]), train_y[sample]
 
             def train_step(carry, s):
-                state, correct, loss_sum, n = carry
-                idx_s, info = s
+                (state, seen), counts, loss_sum, n = carry
+                idx_s, fidx_s, info = s
 
-                def do(st):
-                    n = train_y.shape[0]
-                    view, sample = idx_s // n, idx_s % n  # virtual pool index -> view, sample
-                    x = stream.transform(aux, view, train_x[sample])
-                    y = train_y[sample]
+                def do(st_seen):
+                    st, seen = st_seen
+                    x, y = fetch(idx_s)
                     batch = Batch(
                         x, y,
                         task=jnp.zeros_like(info.task) if hide else info.task,
@@ -174,61 +189,76 @@ class Program:
                     logits = metrics.get("stream_logits")
                     if logits is None:
                         logits = learner.predict(st, x, hp)
-                    hits = (jnp.argmax(logits, -1) == y).sum() * info.fresh
-                    return new, hits.astype(jnp.int32), metrics["loss"].astype(jnp.float32)
+                    guess = blind.predict_labels(seen, num_classes, y.shape[0])
+                    hits = [(jnp.argmax(logits, -1) == y).sum() * info.fresh,
+                            jnp.zeros((), jnp.int32), (guess == y).sum() * info.fresh,
+                            jnp.zeros((), jnp.int32)]
+                    if near_future:  # the pre-update model on the batch S batches ahead
+                        xf, yf = fetch(fidx_s)
+                        ahead = info.future >= 0
+                        hits[1] = (jnp.argmax(learner.predict(st, xf, hp), -1) == yf).sum() * ahead
+                        hits[3] = (guess == yf).sum() * ahead
+                    seen = blind.observe(seen, y, info.fresh)
+                    hits = jnp.stack(hits).astype(jnp.int32)
+                    return (new, seen), hits, metrics["loss"].astype(jnp.float32)
 
-                def skip(st):
-                    return st, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32)
+                def skip(st_seen):
+                    return st_seen, jnp.zeros((4,), jnp.int32), jnp.zeros((), jnp.float32)
 
-                state, hits, loss = jax.lax.cond(info.valid, do, skip, state)
-                return (state, correct + hits, loss_sum + loss, n + info.valid), None
+                carried, hits, loss = jax.lax.cond(info.valid, do, skip, (state, seen))
+                return (carried, counts + hits, loss_sum + loss, n + info.valid), None
 
             def block(carry, b):
-                state, correct = carry
-                idx_b, info_b, kind, t_end = b
+                carried, counts = carry
+                idx_b, fidx_b, info_b, kind, t_end = b
                 zero = jnp.zeros((), jnp.float32)
-                (state, correct, loss_sum, n), _ = jax.lax.scan(
-                    train_step, (state, correct, zero, jnp.zeros((), jnp.int32)), (idx_b, info_b)
+                (carried, counts, loss_sum, n), _ = jax.lax.scan(
+                    train_step, (carried, counts, zero, jnp.zeros((), jnp.int32)),
+                    (idx_b, fidx_b, info_b)
                 )
                 k = jax.random.fold_in(eval_key, t_end)
                 acc = jax.lax.switch(
                     kind,
-                    [lambda st: jnp.zeros((n_tasks,), jnp.float32),
+                    [lambda st: evaluation.zeros(n_tasks),
                      lambda st: evaluate(st, hp, k, aux, cont),
                      lambda st: evaluate(st, hp, k, aux, full)],
-                    state,
+                    carried[0],
                 )
-                return (state, correct), (acc, loss_sum / jnp.maximum(n, 1))
+                return (carried, counts), (acc, loss_sum / jnp.maximum(n, 1))
 
-            (state, correct), (accs, losses) = jax.lax.scan(
-                block, (state, jnp.zeros((), jnp.int32)), (idx, steps, eval_kind, end_step)
+            if fidx is None:  # near-future off: a placeholder the steps never read
+                fidx = jnp.zeros(idx.shape[:2], jnp.int32)
+            (carried, counts), (accs, losses) = jax.lax.scan(
+                block, (carried, jnp.zeros((4,), jnp.int32)),
+                (idx, fidx, steps, eval_kind, end_step)
             )
-            return state, correct, accs, losses
+            return carried, counts, accs, losses
 
         member = P(AXIS)
         shared = P()
-        # state, hp, key, aux, idx are per member; the schedule and the pools are shared.
-        chunk = over_members(member_chunk, (0, 0, 0, 0, 0, None, None, None, None),
+        # carried, hp, key, aux, idx, fidx are per member; the schedule and pools are shared.
+        chunk = over_members(member_chunk, (0, 0, 0, 0, 0, 0, None, None, None, None),
                              members_per_device)
         self.chunk = jax.jit(
             shard_map(
                 chunk, mesh=mesh,
-                in_specs=(member,) * 5 + (shared,) * 4,
+                in_specs=(member,) * 6 + (shared,) * 4,
                 out_specs=(member, member, member, member),
             ),
             donate_argnums=(0,),
         )
 
         def member_init(key, hp, example_x):
-            return learner.init(jax.random.fold_in(key, 0), example_x, hp)
+            return (learner.init(jax.random.fold_in(key, 0), example_x, hp),
+                    blind.init_state(stream.cfg.blind_window))
 
         self.init = jax.jit(shard_map(
             over_members(member_init, (0, 0, None), members_per_device), mesh=mesh,
             in_specs=(member, member, shared), out_specs=member,
         ))
 
-        def member_eval(state, hp, key, aux, pool):
-            return evaluate(state, hp, jax.random.fold_in(jax.random.fold_in(key, 2), 0), aux,
+        def member_eval(carried, hp, key, aux, pool):
+            return evaluate(carried[0], hp, jax.random.fold_in(jax.random.fold_in(key, 2), 0), aux,
                             pool)
 
         self.initial_eval = jax.jit(shard_map(
@@ -338,6 +368,7 @@ def run(
     log: Callable[[str], None] | None = None,
     keep_state: bool = False,
     memory_limit: int | None = None,
+    cost: bool = False,
 ) -> RunResult:
     """Train ``len(seeds)`` members through ``stream`` and evaluate them continually.
 
@@ -354,6 +385,9 @@ def run(
     receives the plan and other one-line notes. ``precision`` is one of
     ``ocljax.precision.PRECISIONS``; the learner's model must have been cast with
     ``precision.cast_model`` for ``bf16``.
+
+    ``cost=True`` also records compute accounting in ``result.extra["compute"]`` (see
+    ``compute_costs``): one extra compilation of a single member's update step.
     """
     M = len(seeds)
     if len(hparams) != M or stream.n_members != M:
@@ -362,8 +396,11 @@ def run(
             f"{stream.n_members} members: they must match"
         )
     with precision_lib.matmul_precision(precision):
-        return _run(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chunk,
-                    eval_batch, progress, log or (lambda msg: None), keep_state, memory_limit)
+        result = _run(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chunk,
+                      eval_batch, progress, log or (lambda msg: None), keep_state, memory_limit)
+        if cost:
+            result.extra["compute"] = compute_costs(learner, stream, dataset, hparams[0], result)
+        return result
 
 
 def _run(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chunk, eval_batch,
@@ -378,7 +415,7 @@ def _run(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chunk, 
     chosen = eval_batch  # an explicit evaluation batch is kept; the default may shrink
 
     t0 = time.perf_counter()
-    program = Program(learner, stream, mesh, Mp // D)
+    program = Program(learner, stream, mesh, Mp // D, dataset.num_classes)
     hp = put_m(pad_members(stack_members(hparams), Mp))
     keys = put_m(pad_members(np.stack([np.asarray(jax.random.PRNGKey(s)) for s in seeds]), Mp))
     aux = put_m(pad_members(stream.aux, Mp))
@@ -398,8 +435,9 @@ def _run(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chunk, 
 
     def chunk_args(state, chunk, pools):
         idx = put_m(pad_members(chunk.idx, Mp))
+        fidx = None if chunk.future_idx is None else put_m(pad_members(chunk.future_idx, Mp))
         steps, kind, end = put_s((chunk.steps, chunk.eval_kind, chunk.end_step))
-        return (state, hp, keys, aux, idx, steps, kind, end, pools)
+        return (state, hp, keys, aux, idx, fidx, steps, kind, end, pools)
 
     # Compile against the abstract state and check the memory plan before allocating. When
     # the default evaluation batch is what does not fit, shrink it (results do not depend on
@@ -458,29 +496,102 @@ def _run(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chunk, 
     if progress is not None:
         progress(stream.total_steps, stream.total_steps, run_s)
 
-    accs = np.concatenate([np.asarray(a) for a, _ in outputs], axis=1)[:M]  # [M, nb, T]
-    losses = np.concatenate([np.asarray(lo) for _, lo in outputs], axis=1)[:M]
     kind = np.concatenate([c.eval_kind for c in ends])
     keep = kind != 0
+
+    def evals(field):  # [M, E, T]: the initial evaluation, then every evaluated block
+        during = np.concatenate([np.asarray(getattr(a, field)) for a, _ in outputs], axis=1)
+        return np.concatenate([np.asarray(getattr(acc0, field))[:M, None], during[:M][:, keep]],
+                              axis=1)
+
+    losses = np.concatenate([np.asarray(lo) for _, lo in outputs], axis=1)[:M]
     task = np.concatenate([c.block_task for c in ends])[keep]
     steps = np.concatenate([c.end_step for c in ends])[keep]
-    n_fresh = int(stream.schedule.steps.fresh.sum()) * stream.cfg.batch_size
+    B = stream.cfg.batch_size
+    n_fresh = int(stream.schedule.steps.fresh.sum()) * B
+    n_ahead = int((stream.schedule.steps.future >= 0).sum()) * B
+    counts = np.asarray(correct_total)[:M].astype(np.float64)  # [M, 4], see member_chunk
+    nan = np.full(M, np.nan)
     return RunResult(
-        acc=np.concatenate([np.asarray(acc0)[:M, None], accs[:, keep]], axis=1),
+        acc=evals("acc"),
+        task_aware=evals("task_aware"),
+        cumulative=evals("cumulative"),
+        near_future_accuracy=counts[:, 1] / n_ahead if n_ahead else nan,
+        blind_online_accuracy=counts[:, 2] / max(n_fresh, 1),
+        blind_near_future_accuracy=counts[:, 3] / n_ahead if n_ahead else nan,
         eval_step=np.concatenate([[0], steps]).astype(np.int64),
         eval_kind=np.concatenate([[EVAL_TASK_END], kind[keep]]).astype(np.int32),
         eval_task=np.concatenate([[-1], task]).astype(np.int32),
-        online_accuracy=np.asarray(correct_total)[:M] / max(n_fresh, 1),
+        online_accuracy=counts[:, 0] / max(n_fresh, 1),
         block_loss=losses[:, : stream.schedule.n_blocks],
         total_steps=stream.total_steps,
         batch_size=stream.cfg.batch_size,
         compile_s=compile_s,
         run_s=run_s,
         trace_count=program.trace_count,
-        final_state=jax.tree.map(lambda a: a[:M], state) if keep_state else None,
+        final_state=jax.tree.map(lambda a: a[:M], state[0]) if keep_state else None,
         extra={"memory": dataclasses.asdict(plan) | {"per_member": plan.per_member},
                "eval_batch": eval_batch},
     )
+
+
+def xla_flops(compiled) -> float | None:
+    """FLOPs of a compiled program by XLA's cost analysis (None where the backend has none)."""
+    try:
+        analysis = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - backends without cost analysis
+        return None
+    if isinstance(analysis, list | tuple):  # older JAX: one dict per program
+        analysis = analysis[0] if analysis else None
+    flops = (analysis or {}).get("flops")
+    return float(flops) if flops is not None and flops >= 0 else None
+
+
+def update_flops(learner: Learner, example_x, hp) -> float | None:
+    """FLOPs of one ``learner.update`` of one member on a batch shaped like ``example_x``,
+    from XLA's cost analysis of the compiled step. XLA counts each instruction once: both
+    branches of a ``lax.cond`` are counted and a loop body once, so for learners with
+    conditional or looped work (e.g. GDumb's retraining, which runs in ``prepare_eval`` and is
+    not counted here) this is an estimate of the per-step work, not a measurement."""
+    key = jax.random.PRNGKey(0)
+    state = jax.eval_shape(learner.init, key, example_x, hp)
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    batch = Batch(
+        x=jax.ShapeDtypeStruct(example_x.shape, example_x.dtype),
+        y=jax.ShapeDtypeStruct(example_x.shape[:1], jnp.int32), task=scalar,
+        boundary=jax.ShapeDtypeStruct((), jnp.bool_), t=scalar,
+        fresh=jax.ShapeDtypeStruct((), jnp.bool_),
+    )
+    return xla_flops(jax.jit(learner.update).lower(state, batch, hp, key).compile())
+
+
+def compute_costs(learner: Learner, stream: Stream, dataset: Dataset, hp, result) -> dict:
+    """Compute accounting of a run, per member (as argued by Harun et al. 2023, "How Efficient
+    Are Today's Continual Learning Algorithms?", and Prabhu et al. 2023, "Computationally
+    Budgeted Continual Learning: What Does Matter?", Sec. 3, which compare methods at equal
+    compute):
+
+    flops_per_step: XLA's count for one update step (``update_flops``);
+    flops_per_sample: training FLOPs per incoming stream sample (passes included);
+    steps_per_sample: optimizer steps per incoming sample (``passes / batch_size``);
+    wall_s_per_member: the run's wall time (without compilation) divided by its members - the
+        amortised cost in a vmapped sweep, not a single run's time;
+    memory_per_member_bytes: the memory plan's bytes per member (``MemoryPlan.per_member``).
+    """
+    x = dataset.train_x[: stream.cfg.batch_size]
+    x = jax.eval_shape(lambda a: stream.transform(
+        jax.tree.map(lambda l: l[0], stream.aux), jnp.zeros(a.shape[:1], jnp.int32), a), x)
+    hp = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), hp)
+    flops = update_flops(learner, x, hp)
+    steps = int(stream.schedule.steps.valid.sum())
+    samples = int(stream.schedule.steps.fresh.sum()) * stream.cfg.batch_size
+    return {
+        "flops_per_step": flops,
+        "flops_per_sample": None if flops is None else flops * steps / max(samples, 1),
+        "steps_per_sample": steps / max(samples, 1),
+        "wall_s_per_member": result.run_s / max(result.n_members, 1),
+        "memory_per_member_bytes": result.extra["memory"]["per_member"],
+    }
 
 
 def memory_plan(compiled, abstract_state, host_pools, Mp: int, D: int, limit: int | None,

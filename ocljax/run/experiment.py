@@ -108,6 +108,7 @@ def run_variant(
     result = driver.run(
         prep.learner, prep.stream, ds, prep.hparams, seeds, n_devices=n,
         blocks_per_chunk=blocks_per_chunk, progress=progress, precision=variant.model.precision,
+        cost=True,
         log=None if quiet else (lambda msg: print(f"[{variant.label}] {msg}", flush=True)),
     )
     result.extra["devices"] = n
@@ -116,9 +117,15 @@ def run_variant(
 
 
 def format_table(groups: list[dict]) -> str:
-    """The printed summary: one line per group, mean +- std over seeds."""
+    """The printed summary: one line per group, mean +- std over seeds. The input-blind
+    baseline's online accuracy is printed beside the learner's (Hammoud et al. 2023), and
+    near-future accuracy when the run measured it."""
     cols = [("final acc", "final_average_accuracy"), ("anytime acc", "average_anytime_accuracy"),
             ("forgetting", "forgetting"), ("online acc", "online_accuracy")]
+    if any(g.get("near_future_accuracy", {}).get("mean") is not None for g in groups):
+        cols.append(("near-future acc", "near_future_accuracy"))
+    if any(g.get("blind_online_accuracy", {}).get("mean") is not None for g in groups):
+        cols.append(("blind online", "blind_online_accuracy"))
     labels = [g["variant"] + ("  " + ",".join(f"{k}={v:g}" for k, v in g["hparams"].items())
                               if g["hparams"] else "") for g in groups]
     width = max([len("variant"), *map(len, labels)]) + 2
@@ -126,7 +133,7 @@ def format_table(groups: list[dict]) -> str:
     for label, g in zip(labels, groups, strict=True):
         cells = []
         for _, key in cols:
-            s = g[key]
+            s = g.get(key, {"mean": None})
             cells.append("n/a".rjust(17) if s["mean"] is None
                          else f"{s['mean']:.3f} ± {s['std']:.3f}".rjust(17))
         note = f"   {g['n']}" + (f" ({g['n_diverged']} diverged)" if g["n_diverged"] else "")

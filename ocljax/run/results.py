@@ -30,6 +30,18 @@ METRICS = (
     "forward_transfer",
     "min_accuracy",
     "worst_case_accuracy",
+    "near_future_accuracy",
+    "blind_online_accuracy",
+    "blind_near_future_accuracy",
+    "task_aware_accuracy",
+    "cumulative_accuracy",
+    "linear_probe_accuracy",
+    # compute accounting (identical for the members of one variant; see ``compute_costs``)
+    "flops_per_step",
+    "flops_per_sample",
+    "steps_per_sample",
+    "wall_s_per_member",
+    "memory_per_member_bytes",
 )
 
 
@@ -48,9 +60,28 @@ def clean(x):
     return x
 
 
+def optional(values, n: int) -> np.ndarray:
+    """``values`` [n] as floats, or NaN (written as null) when the run did not measure it."""
+    return np.full(n, np.nan) if values is None else np.asarray(values, np.float64)
+
+
+def final_mean(per_eval, result) -> np.ndarray:
+    """Mean over tasks of a per-task quantity ``[M, E, T]`` at the final evaluation (the last
+    task end): e.g. the final average task-aware accuracy. NaN when not measured."""
+    if per_eval is None:
+        return np.full(result.n_members, np.nan)
+    return np.asarray(per_eval, np.float64)[:, -1].mean(-1)
+
+
 def member_metrics(result) -> list[dict]:
     """Per-member metrics of a ``RunResult`` (see ``METRICS``), plus the accuracy matrix and
-    divergence (non-finite training loss) information."""
+    divergence (non-finite training loss) information.
+
+    ``task_aware_accuracy``: final average over tasks of the task-IL accuracy;
+    ``cumulative_accuracy``: final mean over k of the accuracy on tasks 0..k with the argmax
+    restricted to their classes (``ocljax.run.evaluation``); ``linear_probe_accuracy`` and the
+    compute columns come from ``result.extra`` when the run measured them."""
+    M = result.n_members
     R = result.accuracy_matrix()
     b = result.initial_accuracy()
     acc, task = result.acc, result.eval_task
@@ -66,7 +97,15 @@ def member_metrics(result) -> list[dict]:
         "forward_transfer": metrics.forward_transfer(R, b),
         "min_accuracy": metrics.min_accuracy(acc, task),
         "worst_case_accuracy": metrics.worst_case_accuracy(acc, task),
+        "near_future_accuracy": optional(result.near_future_accuracy, M),
+        "blind_online_accuracy": optional(result.blind_online_accuracy, M),
+        "blind_near_future_accuracy": optional(result.blind_near_future_accuracy, M),
+        "task_aware_accuracy": final_mean(result.task_aware, result),
+        "cumulative_accuracy": final_mean(result.cumulative, result),
+        "linear_probe_accuracy": optional(result.extra.get("linear_probe_accuracy"), M),
     }
+    for name, value in result.extra.get("compute", {}).items():
+        values[name] = np.full(M, np.nan if value is None else float(value))
     bad = ~np.isfinite(result.block_loss)
     rows = []
     for m in range(result.n_members):
@@ -116,6 +155,9 @@ def eval_rows(result, members: list[dict]):
                 "task": int(result.eval_task[e]),
                 "acc": result.acc[m, e].tolist(),
                 "anytime_accuracy": float(anytime[m, e]),
+                **({} if result.task_aware is None else
+                   {"acc_task_aware": result.task_aware[m, e].tolist(),
+                    "cumulative_accuracy": result.cumulative[m, e].tolist()}),
             }
 
 

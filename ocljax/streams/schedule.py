@@ -7,6 +7,15 @@ a fixed subsample otherwise (the continual-evaluation curve). With ``eval_every=
 ends are evaluated: tasks are cut into blocks of ``TASK_END_BLOCK`` steps whose evaluation is
 skipped except at the task's end. A chunk is ``blocks_per_chunk``
 blocks, one compiled call; the last chunk is padded with invalid blocks so no shape changes.
+
+Full-resolution evaluation around boundaries (for the stability gap, De Lange et al. 2023):
+with ``dense_every`` > 0 blocks are ``dense_every`` steps long, and the first ``dense_window``
+steps of every task are evaluated after every block; elsewhere only blocks ending on a multiple
+of ``eval_every`` (counted from the task's start) are, as without it.
+
+Near-future accuracy (Hammoud et al. 2023): with ``near_future`` S > 0, each fresh step also
+names the incoming batch S batches later (``StepInfo.future``, -1 past the stream's end), which
+the driver scores with the model of the current step.
 """
 
 from __future__ import annotations
@@ -15,6 +24,8 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
+
+from ocljax.errors import ConfigError
 
 EVAL_NONE, EVAL_CONTINUAL, EVAL_TASK_END = 0, 1, 2
 TASK_END_BLOCK = 250  # block length when only task ends are evaluated (bounds the padding)
@@ -29,12 +40,14 @@ class StepInfo(NamedTuple):
     fresh: np.ndarray  # bool, first pass over the incoming batch
     valid: np.ndarray  # bool, False for padding steps
     batch: np.ndarray  # int32, index of the incoming batch (into a member's order)
+    future: np.ndarray  # int32, incoming batch ``near_future`` batches later (-1: none / off)
 
 
 class Chunk(NamedTuple):
     """One compiled call's worth of stream: ``nb`` blocks of ``L`` steps."""
 
     idx: np.ndarray  # [M, nb, L, B] int32 pool indices of each member's batch
+    future_idx: np.ndarray | None  # [M, nb, L, B] the batch ``future`` names (None: off)
     steps: StepInfo  # leaves [nb, L]
     eval_kind: np.ndarray  # [nb] int32: EVAL_NONE / EVAL_CONTINUAL / EVAL_TASK_END
     block_task: np.ndarray  # [nb] int32, task being trained during the block
@@ -50,6 +63,7 @@ class Schedule:
     block_task: np.ndarray  # [n_blocks]
     end_step: np.ndarray  # [n_blocks]
     total_steps: int
+    near_future: int = 0
 
     @property
     def n_blocks(self) -> int:
@@ -60,11 +74,16 @@ class Schedule:
         return self.steps.t.shape[1]
 
 
-def build(task_batches: list[int], passes: int, eval_every: int) -> Schedule:
+def build(task_batches: list[int], passes: int, eval_every: int, dense_every: int = 0,
+          dense_window: int = 0, near_future: int = 0) -> Schedule:
     """Lay out ``sum(task_batches) * passes`` steps in blocks of ``eval_every`` steps (of
-    ``TASK_END_BLOCK`` steps evaluated only at task ends when ``eval_every`` is 0)."""
-    L = eval_every or TASK_END_BLOCK
-    between = EVAL_CONTINUAL if eval_every else EVAL_NONE
+    ``TASK_END_BLOCK`` steps evaluated only at task ends when ``eval_every`` is 0; of
+    ``dense_every`` steps when dense evaluation is on - see the module docstring)."""
+    if dense_every and eval_every % dense_every:
+        raise ConfigError(f"eval_every ({eval_every}) must be a multiple of the dense "
+                          f"evaluation interval ({dense_every})")
+    L = dense_every or eval_every or TASK_END_BLOCK
+    total_batches = int(sum(task_batches))
     rows = []
     t = batch0 = 0
     for task, n_batches in enumerate(task_batches):
@@ -72,18 +91,28 @@ def build(task_batches: list[int], passes: int, eval_every: int) -> Schedule:
         n_blocks = -(-n_steps // L)
         s = np.arange(n_blocks * L)
         valid = s < n_steps
+        fresh = valid & (s % passes == 0)
+        batch = np.where(valid, batch0 + s // passes, 0)
+        ahead = batch + near_future
+        ends = (np.arange(n_blocks) + 1) * L  # block end, in steps since the task's start
+        kind = np.full(n_blocks, EVAL_NONE)
+        if eval_every:
+            kind[ends % eval_every == 0] = EVAL_CONTINUAL
+        if dense_every:
+            kind[ends <= dense_window] = EVAL_CONTINUAL
+        kind[-1] = EVAL_TASK_END
         rows.append(
             dict(
                 t=np.where(valid, t + s, -1),
                 task=np.full(s.shape, task),
                 boundary=(s == 0) & (task > 0),
-                fresh=valid & (s % passes == 0),
+                fresh=fresh,
                 valid=valid,
-                batch=np.where(valid, batch0 + s // passes, 0),
-                eval_kind=np.where(np.arange(n_blocks) == n_blocks - 1, EVAL_TASK_END,
-                                   between),
+                batch=batch,
+                future=np.where(fresh & (near_future > 0) & (ahead < total_batches), ahead, -1),
+                eval_kind=kind,
                 block_task=np.full(n_blocks, task),
-                end_step=np.minimum((np.arange(n_blocks) + 1) * L, n_steps) + t,
+                end_step=np.minimum(ends, n_steps) + t,
             )
         )
         t += n_steps
@@ -96,9 +125,10 @@ def build(task_batches: list[int], passes: int, eval_every: int) -> Schedule:
         fresh=cat["fresh"].reshape(-1, L),
         valid=cat["valid"].reshape(-1, L),
         batch=cat["batch"].astype(np.int32).reshape(-1, L),
+        future=cat["future"].astype(np.int32).reshape(-1, L),
     )
     return Schedule(steps, cat["eval_kind"].astype(np.int32), cat["block_task"].astype(np.int32),
-                    cat["end_step"].astype(np.int32), t)
+                    cat["end_step"].astype(np.int32), t, near_future)
 
 
 def chunks(schedule: Schedule, orders: np.ndarray, blocks_per_chunk: int, start_block: int = 0):
@@ -119,9 +149,11 @@ def chunks(schedule: Schedule, orders: np.ndarray, blocks_per_chunk: int, start_
             t=take(schedule.steps.t, -1), task=take(schedule.steps.task, 0),
             boundary=take(schedule.steps.boundary, False), fresh=take(schedule.steps.fresh, False),
             valid=take(schedule.steps.valid, False), batch=take(schedule.steps.batch, 0),
+            future=take(schedule.steps.future, -1),
         )
         yield Chunk(
             idx=orders[:, steps.batch],
+            future_idx=orders[:, np.maximum(steps.future, 0)] if schedule.near_future else None,
             steps=steps,
             eval_kind=take(schedule.eval_kind, EVAL_NONE),
             block_task=take(schedule.block_task, 0),

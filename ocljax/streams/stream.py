@@ -29,6 +29,13 @@ class StreamConfig:
         most papers' accuracy matrices and the PyTorch baseline do); eval_per_task: test
         samples per task in continual evaluations (0 = all); test_per_task: test samples per
         task in task-end evaluations, which give the accuracy matrix (0 = all).
+    eval_dense_every, eval_dense_window: evaluate every ``eval_dense_every`` steps during the
+        first ``eval_dense_window`` steps of each task (0: off) - full resolution around the
+        boundaries, where the stability gap shows (``eval_every`` must be a multiple).
+    near_future: S > 0 also scores the model of each step on the incoming batch S batches later
+        (near-future accuracy, Hammoud et al. 2023; 0: off, it costs one forward pass a step).
+    blind_window: labels the input-blind baseline remembers (``ocljax.learners.blind``), tracked
+        beside every run's online and near-future accuracy.
     """
 
     kind: str = "split"
@@ -42,6 +49,10 @@ class StreamConfig:
     eval_every: int = 50
     eval_per_task: int = 500
     test_per_task: int = 0
+    eval_dense_every: int = 0
+    eval_dense_window: int = 0
+    near_future: int = 0
+    blind_window: int = 50
 
     def check(self) -> None:
         """Raise ``ConfigError`` for unknown kinds and impossible sizes."""
@@ -52,9 +63,17 @@ class StreamConfig:
         for name in ("n_tasks", "batch_size", "passes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("samples_per_task", "eval_every", "eval_per_task", "test_per_task"):
+        for name in ("samples_per_task", "eval_every", "eval_per_task", "test_per_task",
+                     "eval_dense_every", "eval_dense_window", "near_future"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.blind_window < 1:
+            raise ConfigError(f"blind_window must be >= 1, got {self.blind_window}")
+        if self.eval_dense_every and self.eval_every % self.eval_dense_every:
+            raise ConfigError(f"eval_every ({self.eval_every}) must be a multiple of "
+                              f"eval_dense_every ({self.eval_dense_every})")
+        if self.eval_dense_window and not self.eval_dense_every:
+            raise ConfigError("eval_dense_window needs eval_dense_every > 0")
 
 
 @dataclass
@@ -83,7 +102,10 @@ class Stream:
     schedule: schedule_lib.Schedule = None
 
     def __post_init__(self):
-        self.schedule = schedule_lib.build(self.task_batches, self.cfg.passes, self.cfg.eval_every)
+        c = self.cfg
+        self.schedule = schedule_lib.build(self.task_batches, c.passes, c.eval_every,
+                                           c.eval_dense_every, c.eval_dense_window,
+                                           c.near_future)
 
     @property
     def n_members(self) -> int:
