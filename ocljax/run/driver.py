@@ -42,7 +42,7 @@ from ocljax.run import evaluation
 from ocljax.run.evaluation import EvalPool, make_pool, per_task_accuracy
 from ocljax.streams.schedule import EVAL_CONTINUAL, EVAL_TASK_END
 from ocljax.streams.stream import Stream
-from ocljax.types import Batch, Learner
+from ocljax.types import Array, Batch, Learner
 
 AXIS = "members"
 
@@ -80,6 +80,8 @@ class RunResult:
     near_future_accuracy: np.ndarray | None = None  # [M] (NaN when ``near_future`` is off)
     blind_online_accuracy: np.ndarray | None = None  # [M] the input-blind baseline's ...
     blind_near_future_accuracy: np.ndarray | None = None  # [M] ... on the same batches
+    diverged_step: np.ndarray | None = None  # [M] int: step a member diverged at, -1 if never
+    diverged_cause: np.ndarray | None = None  # [M] int: 1 loss, 2 state (results.DIVERGED_CAUSES)
 
     @property
     def n_members(self) -> int:
@@ -145,6 +147,33 @@ def over_members(f, in_axes, members_per_device: int):
     return single
 
 
+HEALTHY = np.array([-1, 0], np.int32)  # (diverged step, cause) of a member that is fine
+
+
+def all_finite(tree) -> Array:
+    """True when every floating-point leaf of ``tree`` is finite."""
+    leaves = [jnp.isfinite(a).all() for a in jax.tree.leaves(tree)
+              if jnp.issubdtype(a.dtype, jnp.floating)]
+    return jnp.stack(leaves).all() if leaves else jnp.ones((), bool)
+
+
+def isolate_divergence(start, state, health, bad_t, t_end):
+    """Fault isolation at the end of an evaluation block, for one member.
+
+    A member whose training loss was non-finite at some step of the block (``bad_t`` >= 0,
+    cause 1) or whose state holds a non-finite value at the block's end (cause 2) is marked
+    diverged at that step and *frozen*: its state is reset to the block's start and stays
+    there (each later block resets it again), so its evaluations, checkpoints and plots show
+    the last good model. Members are independent under ``vmap``, so the others' numbers are
+    unaffected. The check costs one pass over the state per block, not per step."""
+    newly = (health[0] < 0) & ((bad_t >= 0) | ~all_finite(state))
+    step = jnp.where(newly, jnp.where(bad_t >= 0, bad_t, t_end), health[0])
+    cause = jnp.where(newly, jnp.where(bad_t >= 0, 1, 2), health[1])
+    frozen = step >= 0
+    state = jax.tree.map(lambda a, b: jnp.where(frozen, a, b), start, state)
+    return state, jnp.stack([step, cause]).astype(jnp.int32)
+
+
 class Program:
     """The compiled pieces of a run for one learner, stream layout and member count."""
 
@@ -160,8 +189,9 @@ class Program:
 
         def member_chunk(carried, hp, key, aux, idx, fidx, steps, eval_kind, end_step, pools):
             """One member through one chunk. ``carried`` is (learner state, blind baseline
-            state); ``counts`` [4] int32 tallies the hits of online, near-future, blind online
-            and blind near-future prediction."""
+            state, health [2] int32 = (diverged step or -1, cause)); ``counts`` [4] int32
+            tallies the hits of online, near-future, blind online and blind near-future
+            prediction."""
             self.trace_count += 1  # Python side effect: counts traces, not executions
             train_x, train_y, full, cont = pools
             step_key, eval_key = jax.random.fold_in(key, 1), jax.random.fold_in(key, 2)
@@ -172,7 +202,7 @@ class Program:
                 return stream.transform(aux, view, train_x[sample]), train_y[sample]
 
             def train_step(carry, s):
-                (state, seen), counts, loss_sum, n = carry
+                (state, seen), counts, loss_sum, n, bad_t = carry
                 idx_s, fidx_s, info = s
 
                 def do(st_seen):
@@ -206,16 +236,19 @@ class Program:
                     return st_seen, jnp.zeros((4,), jnp.int32), jnp.zeros((), jnp.float32)
 
                 carried, hits, loss = jax.lax.cond(info.valid, do, skip, (state, seen))
-                return (carried, counts + hits, loss_sum + loss, n + info.valid), None
+                bad_t = jnp.where((bad_t < 0) & info.valid & ~jnp.isfinite(loss), info.t, bad_t)
+                return (carried, counts + hits, loss_sum + loss, n + info.valid, bad_t), None
 
             def block(carry, b):
-                carried, counts = carry
+                (start, seen, health), counts = carry
                 idx_b, fidx_b, info_b, kind, t_end = b
-                zero = jnp.zeros((), jnp.float32)
-                (carried, counts, loss_sum, n), _ = jax.lax.scan(
-                    train_step, (carried, counts, zero, jnp.zeros((), jnp.int32)),
+                zero, none = jnp.zeros((), jnp.float32), jnp.full((), -1, jnp.int32)
+                ((state, seen), counts, loss_sum, n, bad_t), _ = jax.lax.scan(
+                    train_step, ((start, seen), counts, zero, jnp.zeros((), jnp.int32), none),
                     (idx_b, fidx_b, info_b)
                 )
+                state, health = isolate_divergence(start, state, health, bad_t, t_end)
+                carried = (state, seen, health)
                 k = jax.random.fold_in(eval_key, t_end)
                 acc = jax.lax.switch(
                     kind,
@@ -250,7 +283,7 @@ class Program:
 
         def member_init(key, hp, example_x):
             return (learner.init(jax.random.fold_in(key, 0), example_x, hp),
-                    blind.init_state(stream.cfg.blind_window))
+                    blind.init_state(stream.cfg.blind_window), HEALTHY)
 
         self.init = jax.jit(shard_map(
             over_members(member_init, (0, 0, None), members_per_device), mesh=mesh,
@@ -530,6 +563,8 @@ def _run(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chunk, 
         run_s=run_s,
         trace_count=program.trace_count,
         final_state=jax.tree.map(lambda a: a[:M], state[0]) if keep_state else None,
+        diverged_step=np.asarray(state[2])[:M, 0].astype(np.int64),
+        diverged_cause=np.asarray(state[2])[:M, 1].astype(np.int64),
         extra={"memory": dataclasses.asdict(plan) | {"per_member": plan.per_member},
                "eval_batch": eval_batch},
     )

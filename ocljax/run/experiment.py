@@ -158,7 +158,8 @@ def write_run(
         evals.extend(results.eval_rows(vr.result, infos))
     summary_members = [
         {k: m[k] for k in ("member", "variant", "learner", "seed", "hparams", *results.METRICS,
-                           "acc_matrix", "diverged", "diverged_block")}
+                           "acc_matrix", "diverged", "diverged_block", "diverged_step",
+                           "diverged_cause")}
         for m in members
     ]
     groups = results.group_summary(summary_members)

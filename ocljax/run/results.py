@@ -18,6 +18,9 @@ from ocljax import metrics
 from ocljax.errors import ConfigError
 from ocljax.streams.schedule import EVAL_TASK_END
 
+# ``RunResult.diverged_cause`` codes (``ocljax.run.driver.isolate_divergence``)
+DIVERGED_CAUSES = {1: "non-finite loss", 2: "non-finite state"}
+
 METRICS = (
     "final_average_accuracy",
     "average_anytime_accuracy",
@@ -104,15 +107,24 @@ def member_metrics(result) -> list[dict]:
         "cumulative_accuracy": final_mean(result.cumulative, result),
         "linear_probe_accuracy": optional(result.extra.get("linear_probe_accuracy"), M),
     }
-    for name, value in result.extra.get("compute", {}).items():
+    compute = result.extra.get("compute", {})
+    for name in METRICS[METRICS.index("flops_per_step"):]:
+        value = compute.get(name)
         values[name] = np.full(M, np.nan if value is None else float(value))
     bad = ~np.isfinite(result.block_loss)
+    step = result.diverged_step
+    if step is None:  # results from before fault isolation: non-finite block losses
+        step = np.where(bad.any(1), -2, -1)
     rows = []
     for m in range(result.n_members):
         row = {k: float(v[m]) for k, v in values.items()}
         row["acc_matrix"] = R[m].tolist()
-        row["diverged"] = bool(bad[m].any())
+        row["diverged"] = bool(step[m] != -1)
         row["diverged_block"] = int(np.argmax(bad[m])) if bad[m].any() else None
+        row["diverged_step"] = int(step[m]) if step[m] >= 0 else None
+        row["diverged_cause"] = (DIVERGED_CAUSES.get(int(result.diverged_cause[m]))
+                                 if result.diverged_cause is not None and step[m] >= 0
+                                 else ("non-finite loss" if step[m] == -2 else None))
         rows.append(row)
     return rows
 
@@ -131,7 +143,7 @@ def group_summary(members: list[dict]) -> list[dict]:
         entry = {"variant": g["variant"], "hparams": g["hparams"], "n": len(ok),
                  "n_diverged": len(g["rows"]) - len(ok)}
         for name in METRICS:
-            vals = np.array([r[name] for r in ok if r[name] is not None], np.float64)
+            vals = np.array([r[name] for r in ok if r.get(name) is not None], np.float64)
             vals = vals[np.isfinite(vals)]
             entry[name] = {
                 "mean": float(vals.mean()) if len(vals) else None,
