@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +40,7 @@ from ocljax.data.dataset import Dataset
 from ocljax.errors import ConfigError
 from ocljax.learners import blind
 from ocljax.run import evaluation
+from ocljax.run.checkpoint import Checkpointer, Interrupted
 from ocljax.run.evaluation import EvalPool, make_pool, per_task_accuracy
 from ocljax.streams.schedule import EVAL_CONTINUAL, EVAL_TASK_END
 from ocljax.streams.stream import Stream
@@ -402,6 +404,8 @@ def run(
     keep_state: bool = False,
     memory_limit: int | None = None,
     cost: bool = False,
+    checkpoint: Checkpointer | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> RunResult:
     """Train ``len(seeds)`` members through ``stream`` and evaluate them continually.
 
@@ -419,6 +423,11 @@ def run(
     ``ocljax.precision.PRECISIONS``; the learner's model must have been cast with
     ``precision.cast_model`` for ``bf16``.
 
+    ``checkpoint``: a ``Checkpointer``; the run resumes from its newest readable checkpoint
+    (bit-identical numbers) and saves one at a chunk boundary whenever ``checkpoint.due()``.
+    ``should_stop()`` is polled after each chunk; when it returns True the run saves a final
+    checkpoint (if it has a checkpointer) and raises ``Interrupted``.
+
     ``cost=True`` also records compute accounting in ``result.extra["compute"]`` (see
     ``compute_costs``): one extra compilation of a single member's update step.
     """
@@ -430,14 +439,15 @@ def run(
         )
     with precision_lib.matmul_precision(precision):
         result = _run(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chunk,
-                      eval_batch, progress, log or (lambda msg: None), keep_state, memory_limit)
+                      eval_batch, progress, log or (lambda msg: None), keep_state, memory_limit,
+                      checkpoint, should_stop)
         if cost:
             result.extra["compute"] = compute_costs(learner, stream, dataset, hparams[0], result)
         return result
 
 
 def _run(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chunk, eval_batch,
-         progress, log, keep_state, memory_limit) -> RunResult:
+         progress, log, keep_state, memory_limit, checkpoint, should_stop) -> RunResult:
     M = len(seeds)
     mesh = local_mesh(n_devices)
     D = mesh.devices.size
@@ -454,8 +464,7 @@ def _run(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chunk, 
     aux = put_m(pad_members(stream.aux, Mp))
     example_x = put_s(dataset.train_x[: stream.cfg.batch_size])
     bpc = blocks_per_chunk or default_blocks_per_chunk(stream)
-    gen = stream.chunks(bpc)
-    first = next(gen)
+    first = next(stream.chunks(bpc))  # every chunk has this layout; compile against it
 
     def make_pools(eb):
         """The training pool and test subsets, uploaded once, tests cut in batches of ``eb``."""
@@ -506,44 +515,69 @@ def _run(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chunk, 
         )
     pools = put_s(host_pools)
     full_pool: EvalPool = pools[2]
-    state = program.init(keys, hp, example_x)
-    acc0 = program.initial_eval(state, hp, keys, aux, full_pool)
+    sched = stream.schedule
+    layout = {"members": M, "padded_members": Mp, "blocks_per_chunk": bpc,
+              "n_blocks": sched.n_blocks, "total_steps": sched.total_steps}
+    resumed = None
+    if checkpoint is not None:
+        resumed = checkpoint.restore(partial(checkpoint_target, abstract, Mp, stream.n_tasks,
+                                             layout))
+    if resumed is None:
+        state = program.init(keys, hp, example_x)
+        acc0 = program.initial_eval(state, hp, keys, aux, full_pool)
+        history = History.empty(Mp, stream.n_tasks)._replace(acc0=jax.tree.map(np.asarray, acc0))
+        next_block, run_before = 0, 0.0
+    else:
+        tree, meta = resumed
+        state, history = tree["carried"], History(**tree["history"])
+        acc0 = history.acc0
+        next_block, run_before = int(meta["next_block"]), float(meta["run_s"])
+        log(f"resumed at block {next_block} of {sched.n_blocks} "
+            f"(step {int(sched.end_step[min(next_block, sched.n_blocks) - 1])})")
     compile_s = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    outputs, ends = [], []
-    correct_total = None
-    chunk = first
-    while chunk is not None:
+    pending = []  # device outputs of the chunks run since the last sync to the host
+    correct_total = put_m(history.counts)
+    for chunk in stream.chunks(bpc, next_block):
         state, correct, accs, losses = compiled(*chunk_args(state, chunk, pools))
-        outputs.append((accs, losses))
-        ends.append(chunk)
-        correct_total = correct if correct_total is None else correct_total + correct
-        chunk = next(gen, None)
-        if progress is not None and len(outputs) > 1:
-            jax.block_until_ready(outputs[-2][0])  # the previous chunk; this one is queued
-            done = int(ends[-2].end_step.max())
-            progress(done, stream.total_steps, time.perf_counter() - t1)
+        pending.append((accs, losses, int(chunk.end_step.max())))
+        next_block += bpc
+        correct_total = correct_total + correct
+        if progress is not None and len(pending) > 1:
+            jax.block_until_ready(pending[-2][0])  # the previous chunk; this one is queued
+            progress(pending[-2][2], stream.total_steps, time.perf_counter() - t1)
+        stop = should_stop is not None and should_stop()
+        if checkpoint is not None and (stop or checkpoint.due()) and next_block < sched.n_blocks:
+            history = history.extend(pending, correct_total)
+            pending = []
+            checkpoint.save(next_block, {"carried": state, "history": history._asdict()},
+                            {"next_block": next_block, **layout,
+                             "run_s": run_before + time.perf_counter() - t1})
+        if stop:
+            raise Interrupted(should_stop.signum if hasattr(should_stop, "signum") else 0)
     jax.block_until_ready((state, correct_total))
-    run_s = time.perf_counter() - t1
+    history = history.extend(pending, correct_total)
+    run_s = run_before + time.perf_counter() - t1
     if progress is not None:
         progress(stream.total_steps, stream.total_steps, run_s)
 
-    kind = np.concatenate([c.eval_kind for c in ends])
+    nb = history.losses.shape[1]  # whole chunks; the last one padded with no-op blocks
+    kind = np.zeros(nb, np.int32)
+    kind[: sched.n_blocks] = sched.eval_kind
     keep = kind != 0
 
     def evals(field):  # [M, E, T]: the initial evaluation, then every evaluated block
-        during = np.concatenate([np.asarray(getattr(a, field)) for a, _ in outputs], axis=1)
-        return np.concatenate([np.asarray(getattr(acc0, field))[:M, None], during[:M][:, keep]],
-                              axis=1)
+        during = np.asarray(getattr(history.accs, field))[:M][:, keep]
+        return np.concatenate([np.asarray(getattr(acc0, field))[:M, None], during], axis=1)
 
-    losses = np.concatenate([np.asarray(lo) for _, lo in outputs], axis=1)[:M]
-    task = np.concatenate([c.block_task for c in ends])[keep]
-    steps = np.concatenate([c.end_step for c in ends])[keep]
+    losses = history.losses[:M]
+    task = sched.block_task[keep[: sched.n_blocks]]
+    steps = sched.end_step[keep[: sched.n_blocks]]
     B = stream.cfg.batch_size
     n_fresh = int(stream.schedule.steps.fresh.sum()) * B
     n_ahead = int((stream.schedule.steps.future >= 0).sum()) * B
-    counts = np.asarray(correct_total)[:M].astype(np.float64)  # [M, 4], see member_chunk
+    counts = history.counts[:M].astype(np.float64)  # [M, 4], see member_chunk
     nan = np.full(M, np.nan)
     return RunResult(
         acc=evals("acc"),
@@ -627,6 +661,47 @@ def compute_costs(learner: Learner, stream: Stream, dataset: Dataset, hp, result
         "wall_s_per_member": result.run_s / max(result.n_members, 1),
         "memory_per_member_bytes": result.extra["memory"]["per_member"],
     }
+
+
+class History(NamedTuple):
+    """Host copy of what a run has measured so far (checkpointed with the state)."""
+
+    acc0: evaluation.Accuracies  # leaves [Mp, T], the evaluation before training
+    accs: evaluation.Accuracies  # leaves [Mp, blocks so far, T]
+    losses: np.ndarray  # [Mp, blocks so far] float32
+    counts: np.ndarray  # [Mp, 4] int32 online / near-future / blind hit counters
+
+    @staticmethod
+    def empty(Mp: int, T: int, acc0=None) -> History:
+        z = np.zeros((Mp, 0, T), np.float32)
+        return History(acc0, evaluation.Accuracies(z, z, z), np.zeros((Mp, 0), np.float32),
+                       np.zeros((Mp, 4), np.int32))
+
+    def extend(self, pending: list, counts) -> History:
+        """Append device outputs ``[(accs, losses, end_step)]`` (fetched to the host)."""
+        if not pending:
+            return self._replace(counts=np.asarray(counts))
+        accs = evaluation.Accuracies(*(
+            np.concatenate([np.asarray(getattr(self.accs, f))]
+                           + [np.asarray(getattr(a, f)) for a, _, _ in pending], axis=1)
+            for f in evaluation.Accuracies._fields))
+        losses = np.concatenate([self.losses] + [np.asarray(lo) for _, lo, _ in pending], axis=1)
+        return History(self.acc0, accs, losses, np.asarray(counts))
+
+
+def checkpoint_target(abstract_carried, Mp: int, T: int, layout: dict, meta: dict) -> dict:
+    """The tree a checkpoint with ``meta`` restores into; ``ConfigError`` when it was written
+    by a run with another layout (members, devices, chunking or stream)."""
+    saved = {k: meta.get(k) for k in layout}
+    if saved != layout:
+        raise ConfigError(f"the checkpoint was written by a run laid out as {saved}, this run "
+                          f"is {layout}: resume with the same settings and device count")
+    nb = int(meta["next_block"])
+    f32 = np.float32
+    acc = evaluation.Accuracies(*(np.zeros((Mp, nb, T), f32),) * 3)
+    acc0 = evaluation.Accuracies(*(np.zeros((Mp, T), f32),) * 3)
+    history = History(acc0, acc, np.zeros((Mp, nb), f32), np.zeros((Mp, 4), np.int32))
+    return {"carried": abstract_carried, "history": history._asdict()}
 
 
 def memory_plan(compiled, abstract_state, host_pools, Mp: int, D: int, limit: int | None,

@@ -1,0 +1,82 @@
+"""Checkpoints: a run stopped mid-way and resumed gives bit-identical numbers."""
+
+import os
+
+import numpy as np
+import pytest
+from conftest import tiny_learner
+
+from ocljax import streams
+from ocljax.errors import ConfigError
+from ocljax.run import driver
+from ocljax.run.checkpoint import Checkpointer, Interrupted
+
+CFG = streams.StreamConfig(kind="split", n_tasks=2, batch_size=4, eval_every=4,
+                           eval_per_task=8, near_future=2)
+
+
+class StopAfter:
+    """``should_stop`` that asks to stop after ``n`` polls (one poll per chunk)."""
+
+    def __init__(self, n):
+        self.n, self.signum = n, 15
+
+    def __call__(self):
+        self.n -= 1
+        return self.n < 0
+
+
+def run(ds, **kw):
+    module, learner = tiny_learner("er")
+    seeds = [0, 1, 2]
+    stream = streams.build(CFG, ds, seeds)
+    hps = [module.HParams(lr=lr) for lr in (0.1, 0.2, 1e30)]  # one member diverges
+    return driver.run(learner, stream, ds, hps, seeds, n_devices=1, blocks_per_chunk=1, **kw)
+
+
+def assert_same(a, b):
+    for field in ("acc", "task_aware", "cumulative", "block_loss", "online_accuracy",
+                  "near_future_accuracy", "blind_online_accuracy", "diverged_step",
+                  "eval_step", "eval_kind", "eval_task"):
+        np.testing.assert_array_equal(getattr(a, field), getattr(b, field), err_msg=field)
+
+
+def test_stop_and_resume_is_bit_identical(tiny_ds, tmp_path):
+    whole = run(tiny_ds)
+    ck = Checkpointer(tmp_path / "ck", every_s=1e9, keep=2)
+    with pytest.raises(Interrupted):
+        run(tiny_ds, checkpoint=ck, should_stop=StopAfter(1))  # 6 blocks; stops after 2
+    assert ck.exists()
+    with pytest.raises(Interrupted):  # resumed, stopped again later: keeps the last two
+        run(tiny_ds, checkpoint=Checkpointer(tmp_path / "ck", every_s=1e9, keep=2),
+            should_stop=StopAfter(1))
+    assert sorted(int(p.name) for p in (tmp_path / "ck").iterdir() if p.name.isdigit()) == [2, 4]
+    resumed = run(tiny_ds, checkpoint=Checkpointer(tmp_path / "ck"))
+    assert_same(whole, resumed)
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tiny_ds, tmp_path):
+    whole = run(tiny_ds)
+    with pytest.raises(Interrupted):
+        run(tiny_ds, checkpoint=Checkpointer(tmp_path / "ck", every_s=0.0),
+            should_stop=StopAfter(3))
+    newest = max((p for p in (tmp_path / "ck").iterdir() if p.name.isdigit()),
+                 key=lambda p: int(p.name))
+    for root, _, files in os.walk(newest / "state"):
+        for name in files:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"\x00garbage")
+    with pytest.warns(RuntimeWarning, match="cannot be read"):
+        resumed = run(tiny_ds, checkpoint=Checkpointer(tmp_path / "ck", every_s=1e9))
+    assert_same(whole, resumed)
+
+
+def test_checkpoint_of_another_layout_is_refused(tiny_ds, tmp_path):
+    with pytest.raises(Interrupted):
+        run(tiny_ds, checkpoint=Checkpointer(tmp_path / "ck", every_s=0.0),
+            should_stop=StopAfter(1))
+    module, learner = tiny_learner("er")
+    stream = streams.build(CFG, tiny_ds, [0, 1])  # two members where the checkpoint has three
+    with pytest.raises(ConfigError, match="laid out"):
+        driver.run(learner, stream, tiny_ds, [module.HParams()] * 2, [0, 1], n_devices=1,
+                   blocks_per_chunk=1, checkpoint=Checkpointer(tmp_path / "ck"))
