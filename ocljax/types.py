@@ -45,6 +45,10 @@ class Learner(NamedTuple):
     prepare_eval(state, hp, key) -> state used by ``predict`` at evaluation time
         (identity for most learners; class means for nearest-class-mean learners, ...).
     default_hparams: the traced hyperparameters (a NamedTuple of floats), swept with ``vmap``.
+    features(state, x [N, ...], hp) -> [N, F] (optional, ``None`` when the learner has none)
+        the representation a linear probe reads (``ocljax.metrics.probe``): the model's
+        penultimate features in evaluation mode. Call it on a state returned by
+        ``prepare_eval`` (GDumb's network is only trained there).
     """
 
     init: Callable[..., PyTree]
@@ -52,6 +56,7 @@ class Learner(NamedTuple):
     predict: Callable[..., Array]
     prepare_eval: Callable[..., PyTree]
     default_hparams: Any
+    features: Callable[..., Array] | None = None
 
 
 class Model(NamedTuple):

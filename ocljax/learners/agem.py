@@ -56,7 +56,13 @@ from jax.flatten_util import ravel_pytree
 from ocljax import optim
 from ocljax.errors import ConfigError
 from ocljax.learners import er
-from ocljax.learners.supervised import NetState, apply_gradients, init_net, predict_logits
+from ocljax.learners.supervised import (
+    NetState,
+    apply_gradients,
+    init_net,
+    net_features,
+    predict_logits,
+)
 from ocljax.losses import cross_entropy
 from ocljax.memory import reservoir
 from ocljax.types import Array, Batch, Learner, Model, PyTree, identity_prepare_eval
@@ -264,4 +270,5 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
         del hp
         return predict_logits(model, state.net, x)
 
-    return Learner(init, update, predict, identity_prepare_eval, HParams())
+    return Learner(init, update, predict, identity_prepare_eval, HParams(),
+                   features=net_features(model))

@@ -48,7 +48,13 @@ import jax
 import jax.numpy as jnp
 
 from ocljax.learners import er
-from ocljax.learners.supervised import NetState, gradient_step, init_net, predict_logits
+from ocljax.learners.supervised import (
+    NetState,
+    gradient_step,
+    init_net,
+    net_features,
+    predict_logits,
+)
 from ocljax.losses import cross_entropy, masked_mean
 from ocljax.memory import reservoir
 from ocljax.types import Array, Batch, Learner, Model, identity_prepare_eval
@@ -172,7 +178,7 @@ def _make(model: Model, cfg: Config | None, plus: bool) -> Learner:
         return predict_logits(model, state.net, x)
 
     return Learner(init, update, predict, identity_prepare_eval,
-                   HParamsPlus() if plus else HParams())
+                   HParamsPlus() if plus else HParams(), features=net_features(model))
 
 
 def make(model: Model, cfg: Config | None = None) -> Learner:

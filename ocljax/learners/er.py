@@ -22,7 +22,13 @@ import jax.numpy as jnp
 
 from ocljax import optim
 from ocljax.errors import ConfigError
-from ocljax.learners.supervised import NetState, cross_entropy_step, init_net, predict_logits
+from ocljax.learners.supervised import (
+    NetState,
+    cross_entropy_step,
+    init_net,
+    net_features,
+    predict_logits,
+)
 from ocljax.memory import reservoir
 from ocljax.types import Array, Batch, Learner, Model, identity_prepare_eval
 
@@ -137,4 +143,5 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
         del hp
         return predict_logits(model, state.net, x)
 
-    return Learner(init, update, predict, identity_prepare_eval, HParams())
+    return Learner(init, update, predict, identity_prepare_eval, HParams(),
+                   features=net_features(model))

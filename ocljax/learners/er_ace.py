@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 
 from ocljax.learners import er
-from ocljax.learners.supervised import NetState, gradient_step, predict_logits
+from ocljax.learners.supervised import NetState, gradient_step, net_features, predict_logits
 from ocljax.losses import cross_entropy
 from ocljax.memory import reservoir
 from ocljax.types import Array, Batch, Learner, Model, identity_prepare_eval
@@ -141,4 +141,5 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
         del hp
         return predict_logits(model, state.net, x)
 
-    return Learner(init, update, predict, identity_prepare_eval, HParams())
+    return Learner(init, update, predict, identity_prepare_eval, HParams(),
+                   features=net_features(model))

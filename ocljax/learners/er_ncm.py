@@ -22,6 +22,7 @@ import jax.numpy as jnp
 
 from ocljax.learners import er
 from ocljax.learners.er import Config, HParams
+from ocljax.learners.supervised import net_features
 from ocljax.memory import reservoir
 from ocljax.types import Array, Batch, Learner, Model
 
@@ -95,4 +96,10 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
         return jnp.where(state.prepared, nearest_mean_logits(feats, state.means, state.has_mean),
                          logits)
 
-    return Learner(init, update, predict, prepare_eval, HParams())
+    net_feats = net_features(model)
+
+    def features(state: State, x, hp: HParams):
+        """Evaluation-mode penultimate features [N, F] of the ER network (for probes)."""
+        return net_feats(state.er, x, hp)
+
+    return Learner(init, update, predict, prepare_eval, HParams(), features=features)

@@ -62,7 +62,13 @@ import optax
 
 from ocljax import optim
 from ocljax.errors import ConfigError
-from ocljax.learners.supervised import NetState, apply_gradients, init_net, predict_logits
+from ocljax.learners.supervised import (
+    NetState,
+    apply_gradients,
+    init_net,
+    net_features,
+    predict_logits,
+)
 from ocljax.types import Array, Batch, Learner, Model, PyTree, identity_prepare_eval
 
 TASK_FREE_HINT = "consolidate on a schedule with --set anchor_every=N (steps)"
@@ -170,4 +176,5 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
         del hp
         return predict_logits(model, state.net, x)
 
-    return Learner(init, update, predict, identity_prepare_eval, HParams())
+    return Learner(init, update, predict, identity_prepare_eval, HParams(),
+                   features=net_features(model))

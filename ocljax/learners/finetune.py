@@ -12,7 +12,13 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from ocljax import optim
-from ocljax.learners.supervised import NetState, cross_entropy_step, init_net, predict_logits
+from ocljax.learners.supervised import (
+    NetState,
+    cross_entropy_step,
+    init_net,
+    net_features,
+    predict_logits,
+)
 from ocljax.types import Batch, Learner, Model, identity_prepare_eval
 
 
@@ -47,4 +53,5 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
         del hp
         return predict_logits(model, state, x)
 
-    return Learner(init, update, predict, identity_prepare_eval, HParams())
+    return Learner(init, update, predict, identity_prepare_eval, HParams(),
+                   features=net_features(model))

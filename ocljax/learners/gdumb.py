@@ -58,7 +58,13 @@ import jax.numpy as jnp
 
 from ocljax import optim
 from ocljax.errors import ConfigError
-from ocljax.learners.supervised import NetState, cross_entropy_step, init_net, predict_logits
+from ocljax.learners.supervised import (
+    NetState,
+    cross_entropy_step,
+    init_net,
+    net_features,
+    predict_logits,
+)
 from ocljax.memory import balanced
 from ocljax.types import Array, Batch, Learner, Model
 
@@ -198,4 +204,5 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
         present = balanced.class_counts(state.memory) > 0
         return jnp.where(state.prepared, masked_logits(logits, present), logits)
 
-    return Learner(init, update, predict, prepare_eval, HParams())
+    return Learner(init, update, predict, prepare_eval, HParams(),
+                   features=net_features(model))

@@ -69,7 +69,7 @@ import optax
 from ocljax.errors import ConfigError
 from ocljax.learners import er
 from ocljax.learners.er_ncm import class_means, nearest_mean_logits, normalise
-from ocljax.learners.supervised import NetState, gradient_step, init_net
+from ocljax.learners.supervised import NetState, gradient_step, init_net, net_features
 from ocljax.losses import masked_mean
 from ocljax.memory import reservoir
 from ocljax.types import Array, Batch, Learner, Model, PyTree
@@ -311,4 +311,5 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
         return jnp.where(state.prepared, nearest_mean_logits(feats, state.means, state.has_mean),
                          logits)
 
-    return Learner(init, update, predict, prepare_eval, HParams())
+    return Learner(init, update, predict, prepare_eval, HParams(),
+                   features=net_features(model))

@@ -95,7 +95,13 @@ import optax
 
 from ocljax import optim
 from ocljax.errors import ConfigError
-from ocljax.learners.supervised import NetState, gradient_step, init_net, predict_logits
+from ocljax.learners.supervised import (
+    NetState,
+    gradient_step,
+    init_net,
+    net_features,
+    predict_logits,
+)
 from ocljax.losses import masked_mean
 from ocljax.types import Array, Batch, Learner, Model, PyTree, identity_prepare_eval
 
@@ -328,4 +334,5 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
         del hp
         return predict_logits(model, state.net, x)
 
-    return Learner(init, update, predict, identity_prepare_eval, HParams())
+    return Learner(init, update, predict, identity_prepare_eval, HParams(),
+                   features=net_features(model))

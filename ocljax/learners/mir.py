@@ -45,7 +45,7 @@ import optax
 
 from ocljax.errors import ConfigError
 from ocljax.learners import er
-from ocljax.learners.supervised import NetState, cross_entropy_step, predict_logits
+from ocljax.learners.supervised import NetState, cross_entropy_step, net_features, predict_logits
 from ocljax.losses import cross_entropy
 from ocljax.types import Array, Batch, Learner, Model, identity_prepare_eval
 
@@ -150,4 +150,5 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
         del hp
         return predict_logits(model, state.net, x)
 
-    return Learner(init, update, predict, identity_prepare_eval, HParams())
+    return Learner(init, update, predict, identity_prepare_eval, HParams(),
+                   features=net_features(model))

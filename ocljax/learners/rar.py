@@ -60,7 +60,7 @@ from ocljax import augment as augment_lib
 from ocljax.errors import ConfigError
 from ocljax.learners import er
 from ocljax.learners.mir import virtual_params
-from ocljax.learners.supervised import NetState, gradient_step, predict_logits
+from ocljax.learners.supervised import NetState, gradient_step, net_features, predict_logits
 from ocljax.models import to_float
 from ocljax.types import Array, Batch, Learner, Model, identity_prepare_eval
 
@@ -199,4 +199,5 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
         del hp
         return predict_logits(model, state.net, x)
 
-    return Learner(init, update, predict, identity_prepare_eval, HParams())
+    return Learner(init, update, predict, identity_prepare_eval, HParams(),
+                   features=net_features(model))

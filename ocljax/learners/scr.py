@@ -245,4 +245,9 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
         feats, _ = features(state.net.params, state.net.model_state, x, False)
         return nearest_mean_logits(feats, state.means, state.has_mean)
 
-    return Learner(init, update, predict, prepare_eval, HParams())
+    def probe_features(state: State, x, hp: HParams) -> Array:
+        """Evaluation-mode backbone features [N, F] (before the projection head), for probes."""
+        del hp
+        return features(state.net.params, state.net.model_state, x, False)[0]
+
+    return Learner(init, update, predict, prepare_eval, HParams(), features=probe_features)

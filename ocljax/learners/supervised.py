@@ -88,3 +88,21 @@ def cross_entropy_step(
 def predict_logits(model: Model, net: NetState, x: Array) -> Array:
     """Evaluation-mode logits [N, C]."""
     return model.apply(net.params, net.model_state, x, False)[0]
+
+
+def net_features(model: Model) -> Callable[..., Array]:
+    """``features(state, x [N, ...], hp) -> [N, F]`` for ``Learner.features``: the model's
+    penultimate features in evaluation mode, for a state that is a ``NetState`` or holds one as
+    ``state.net``. The representation a linear probe reads (``ocljax.metrics.probe``)."""
+
+    def features(state, x: Array, hp) -> Array:
+        del hp
+        net = state if isinstance(state, NetState) else getattr(state, "net", None)
+        if not isinstance(net, NetState):
+            raise TypeError(
+                f"net_features needs a NetState or a state with a .net NetState field; got "
+                f"{type(state).__name__}: give this learner its own features function"
+            )
+        return model.apply(net.params, net.model_state, x, False)[1]
+
+    return features
