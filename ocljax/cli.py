@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 
 from ocljax import learners, streams
-from ocljax.errors import ConfigError, OCLError
+from ocljax.errors import ConfigError, Interrupted, OCLError
 from ocljax.precision import PRECISIONS
 from ocljax.sweep import (
     enable_compilation_cache,
@@ -79,6 +81,20 @@ def build_parser(prog: str, description: str, preset: dict) -> argparse.Argument
     p.add_argument("--out", help="run directory to write (default: runs/NAME-TIMESTAMP)")
     p.add_argument("--no-out", action="store_true", dest="no_out", help="write no run dir")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue an interrupted run (same command) from its last checkpoint; "
+                   "the results are bit-identical to an uninterrupted run")
+    p.add_argument("--checkpoint-every", type=float, dest="checkpoint_every", default=60.0,
+                   metavar="SECONDS", help="checkpoint at the first chunk boundary after this "
+                   "many seconds (default 60; 0: every chunk)")
+    p.add_argument("--keep-checkpoints", type=int, dest="keep_checkpoints", default=3,
+                   metavar="K", help="checkpoints kept (default 3)")
+    p.add_argument("--chunk-blocks", type=int, dest="chunk_blocks", metavar="N",
+                   help="evaluation blocks per compiled call (default: about 2,000 steps); "
+                   "checkpoints and stop requests happen between calls")
+    p.add_argument("--probe-per-class", type=int, dest="probe_per_class", default=200,
+                   metavar="N", help="training samples per class for the final linear probe "
+                   "(default 200; 0: no probe)")
     p.add_argument("--data-dir", dest="data_dir",
                    help="folder with the original IDX .gz files (default: $OCLJAX_DATA_DIR)")
     p.add_argument("--devices", type=int, help="local devices to spread members over")
@@ -200,6 +216,38 @@ def flag_defaults(preset: dict) -> dict:
     return {**preset, **moved, "set": keep}
 
 
+class StopOnSignal:
+    """Context manager: the first SIGINT / SIGTERM sets ``signum`` and makes the instance
+    (a ``should_stop`` callable) return True, so the driver checkpoints and stops at the next
+    chunk boundary; a second SIGINT interrupts at once. Previous handlers are restored on
+    exit. Outside the main thread it does nothing."""
+
+    def __init__(self):
+        self.signum = 0
+        self.previous = {}
+
+    def __call__(self) -> bool:
+        return self.signum != 0
+
+    def handle(self, signum, frame):
+        if self.signum and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\nsignal {signum}: stopping at the next chunk boundary after a checkpoint "
+              "(Ctrl-C again to abort at once)", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
 def main(argv: Sequence[str] | None = None, *, prog: str = "ocljax", description: str = "",
          preset: dict | None = None) -> int:
     """Run an experiment from command-line arguments; returns the process exit status."""
@@ -215,17 +263,35 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "ocljax", description
         from ocljax.run.experiment import format_table, run_experiment
 
         stamp = time.strftime("%Y%m%d-%H%M%S")
+        if args.resume and (args.no_out or (args.out and args.out != args.resume)):
+            raise ConfigError("--resume RUN_DIR names the run directory; drop --out / --no-out")
+        if args.resume and args.overwrite:
+            raise ConfigError("--resume continues a run and --overwrite starts it over: "
+                              "choose one")
+        if args.chunk_blocks is not None and args.chunk_blocks < 1:
+            raise ConfigError(f"--chunk-blocks must be >= 1, got {args.chunk_blocks}")
+        if args.keep_checkpoints < 1 or args.checkpoint_every < 0 or args.probe_per_class < 0:
+            raise ConfigError("--keep-checkpoints must be >= 1, --checkpoint-every and "
+                              "--probe-per-class >= 0")
         out = None if args.no_out else (
-            args.out or os.path.join("runs", f"{prog.split('.')[-1]}-{stamp}")
+            args.resume or args.out or os.path.join("runs", f"{prog.split('.')[-1]}-{stamp}")
         )
-        summary, path = run_experiment(
-            prog, dataset, variants, out=out, overwrite=args.overwrite, data_dir=args.data_dir,
-            n_devices=args.devices, quiet=args.quiet, plot=not args.no_plots,
-            command=[prog, *argv],
-        )
+        with StopOnSignal() as stop:
+            summary, path = run_experiment(
+                prog, dataset, variants, out=out, overwrite=args.overwrite,
+                data_dir=args.data_dir, n_devices=args.devices, quiet=args.quiet,
+                plot=not args.no_plots, command=[prog, *argv], resume=bool(args.resume),
+                checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
+                probe_per_class=args.probe_per_class, should_stop=stop,
+                blocks_per_chunk=args.chunk_blocks,
+            )
     except OCLError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
+    except Interrupted as err:
+        print(f"{prog}: interrupted by signal {err.signum}; a final checkpoint was written",
+              file=sys.stderr)
+        return 128 + err.signum
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

@@ -11,3 +11,11 @@ class ConfigError(OCLError):
 
 class DataError(OCLError):
     """A data file that is missing, corrupt, or a dataset that cannot be obtained."""
+
+
+class Interrupted(Exception):  # noqa: N818 - a stop request, not a failure
+    """A run stopped on request (SIGINT / SIGTERM) after writing a final checkpoint."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum

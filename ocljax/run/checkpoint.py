@@ -22,7 +22,9 @@ from pathlib import Path
 
 import jax
 
-from ocljax.errors import ConfigError
+from ocljax.errors import ConfigError, Interrupted
+
+__all__ = ["Checkpointer", "Interrupted"]
 
 
 def _quiet_orbax():
@@ -112,11 +114,3 @@ class Checkpointer:
         if self._manager is not None:
             self._manager.close()
             self._manager = None
-
-
-class Interrupted(Exception):  # noqa: N818 - a stop request, not a failure
-    """A run stopped on request (SIGINT / SIGTERM) after writing a final checkpoint."""
-
-    def __init__(self, signum: int):
-        super().__init__(f"stopped by signal {signum}")
-        self.signum = signum

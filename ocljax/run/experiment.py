@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import pickle
 import platform
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -17,7 +20,8 @@ import numpy as np
 
 from ocljax import data, learners, metrics, models, precision, streams
 from ocljax.errors import ConfigError
-from ocljax.run import driver, plots, results
+from ocljax.run import driver, plots, probing, results
+from ocljax.run.checkpoint import Checkpointer, Interrupted
 from ocljax.run.progress import Progress
 from ocljax.streams.schedule import EVAL_TASK_END
 from ocljax.sweep import Member, devices_for
@@ -98,19 +102,36 @@ def prepare_variant(variant: Variant, ds: data.Dataset) -> Prepared:
 
 def run_variant(
     prep: Prepared, ds: data.Dataset, n_devices: int | None, quiet: bool,
-    blocks_per_chunk: int | None = None,
+    blocks_per_chunk: int | None = None, *, probe_per_class: int = probing.PER_CLASS,
+    checkpoint: Checkpointer | None = None, should_stop=None,
 ) -> VariantResult:
-    """Run a prepared variant's members as one compiled sweep and compute their metrics."""
+    """Run a prepared variant's members as one compiled sweep and compute their metrics
+    (the linear probe too unless ``probe_per_class`` is 0). With a ``checkpoint``, the sweep
+    resumes from it and saves to it (see ``ocljax.run.driver.run``)."""
     variant = prep.variant
     seeds = [m.seed for m in variant.members]
     n = n_devices or devices_for(len(seeds), len(jax.local_devices()))
     progress = None if quiet else Progress(variant.label, variant.stream.batch_size * len(seeds))
+    log = None if quiet else (lambda msg: print(f"[{variant.label}] {msg}", flush=True))
+    if checkpoint is not None and log is not None:
+        checkpoint.log = log
     result = driver.run(
         prep.learner, prep.stream, ds, prep.hparams, seeds, n_devices=n,
         blocks_per_chunk=blocks_per_chunk, progress=progress, precision=variant.model.precision,
-        cost=True,
-        log=None if quiet else (lambda msg: print(f"[{variant.label}] {msg}", flush=True)),
+        cost=True, log=log, keep_state=probe_per_class > 0, checkpoint=checkpoint,
+        should_stop=should_stop,
     )
+    if probe_per_class > 0:
+        t0 = time.perf_counter()
+        per_task = probing.final_probe_accuracy(prep.learner, prep.stream, ds,
+                                                result.final_state, prep.hparams, seeds,
+                                                probe_per_class)
+        if per_task is not None:
+            result.extra["linear_probe_task_accuracy"] = per_task
+            result.extra["linear_probe_accuracy"] = per_task.mean(-1)
+            if log is not None:
+                log(f"linear probe: {time.perf_counter() - t0:.1f} s")
+    result.final_state = None  # not kept past the probe (nor pickled for resume)
     result.extra["devices"] = n
     result.extra["task_classes"] = prep.stream.task_classes
     return VariantResult(variant, result, results.member_metrics(result))
@@ -226,22 +247,107 @@ def run_config(name, dataset, ds, variants, outs, command, wall_s) -> dict:
     }
 
 
+def checkpoint_root(out: str | Path) -> Path:
+    """Where the checkpoints of run directory ``out`` live: a hidden sibling
+    ``.NAME.ckpt`` (beside ``RunDirectory``'s temporaries, so tools that copy a run's hidden
+    siblings - e.g. ``tpu/watchdog.sh`` - carry them along)."""
+    out = Path(out).resolve()
+    return out.parent / f".{out.name}.ckpt"
+
+
+def plan_fingerprint(name: str, dataset: str, variants: list[Variant],
+                     blocks_per_chunk: int | None) -> dict:
+    """Every setting that decides a run's numbers; a resumed run must match it exactly."""
+    return results.clean({
+        "experiment": name, "dataset": dataset, "blocks_per_chunk": blocks_per_chunk,
+        "variants": [{
+            "label": v.label, "learner": v.learner, "stream": dataclasses.asdict(v.stream),
+            "learner_config": dataclasses.asdict(v.learner_config),
+            "model": dataclasses.asdict(v.model),
+            "members": [{"seed": m.seed, "hparams": m.hparams} for m in v.members],
+        } for v in variants],
+    })
+
+
+class Resumable:
+    """The checkpoint side of one experiment run: the plan it belongs to, one orbax directory
+    per variant, and a pickle of each finished variant's results."""
+
+    def __init__(self, root: Path, fingerprint: dict, every_s: float, keep: int):
+        self.root, self.every_s, self.keep = root, every_s, keep
+        plan_file = root / "plan.json"
+        if plan_file.exists():
+            saved = json.loads(plan_file.read_text())
+            if saved != fingerprint:
+                diff = [k for k in fingerprint if saved.get(k) != fingerprint[k]]
+                raise ConfigError(
+                    f"the checkpoints in {root} belong to a run with other settings (differs "
+                    f"in: {', '.join(diff) or 'variants'}); rerun the original command with "
+                    "--resume, or start over with --overwrite")
+        else:
+            root.mkdir(parents=True, exist_ok=True)
+            results.write_atomic(plan_file, json.dumps(fingerprint, indent=1, sort_keys=True))
+
+    def checkpointer(self, i: int) -> Checkpointer:
+        return Checkpointer(self.root / f"variant-{i}", self.every_s, self.keep)
+
+    def finished(self, i: int, variant: Variant) -> VariantResult | None:
+        path = self.root / f"variant-{i}.done.pkl"
+        if not path.exists():
+            return None
+        try:
+            result = pickle.loads(path.read_bytes())
+        except Exception as err:  # noqa: BLE001 - unreadable: run the variant again
+            print(f"warning: {path} cannot be read ({err}); running {variant.label} again",
+                  file=sys.stderr)
+            return None
+        return VariantResult(variant, result, results.member_metrics(result))
+
+    def save_finished(self, i: int, vr: VariantResult) -> None:
+        path = self.root / f"variant-{i}.done.pkl"
+        tmp = path.with_name(f".{path.name}.part")
+        tmp.write_bytes(pickle.dumps(vr.result))
+        os.replace(tmp, path)
+
+
 def run_experiment(
     name: str, dataset: str, variants: list[Variant], *, out: str | None, overwrite=False,
     data_dir=None, n_devices=None, quiet=False, plot=True, command=None,
-    blocks_per_chunk: int | None = None,
+    blocks_per_chunk: int | None = None, resume: bool = False, checkpoint_every: float = 60.0,
+    keep_checkpoints: int = 3, probe_per_class: int = probing.PER_CLASS, should_stop=None,
 ) -> tuple[dict, Path | None]:
     """Load ``dataset``, run every variant, and write the run directory.
 
     Every variant is built and checked before the first one runs, so bad settings leave no
-    directory. If a run is interrupted (or fails) after some variants finished, those are
-    written with ``"complete": false`` in ``config.json`` and ``summary.json`` before the
-    exception propagates. Returns ``(summary, run_dir_path or None)``.
+    directory. With ``out``, progress is checkpointed (``checkpoint_root(out)``, every
+    ``checkpoint_every`` seconds at a chunk boundary, the last ``keep_checkpoints`` kept) and
+    ``resume=True`` continues an interrupted run from there with bit-identical results; the
+    checkpoints are deleted once the run directory is complete. If a run is interrupted
+    (``should_stop()``, e.g. on SIGTERM) or fails, the variants that finished are written with
+    ``"complete": false`` before the exception propagates. Returns
+    ``(summary, run_dir_path or None)``.
     """
-    run_dir = results.RunDirectory(out, overwrite) if out else None
+    if resume and not out:
+        raise ConfigError("--resume needs the run directory to continue (--resume RUN_DIR)")
+    root = checkpoint_root(out) if out else None
+    if root is not None and root.exists() and not resume:
+        if not overwrite:
+            raise ConfigError(
+                f"{out} has checkpoints of an interrupted run in {root}: pass --resume to "
+                "continue it, or --overwrite to start over")
+        shutil.rmtree(root)
+    if resume and root is not None and not root.exists() and Path(out).is_dir():
+        done = Path(out) / "summary.json"
+        if done.exists() and json.loads(done.read_text()).get("complete"):
+            raise ConfigError(f"{out} is already complete; nothing to resume")
+    run_dir = results.RunDirectory(out, overwrite or resume) if out else None
     try:
         ds = data.load(dataset, data_dir)
         prepared = [prepare_variant(v, ds) for v in variants]
+        saver = None
+        if root is not None:
+            saver = Resumable(root, plan_fingerprint(name, dataset, variants, blocks_per_chunk),
+                              checkpoint_every, keep_checkpoints)
     except BaseException:
         if run_dir is not None:
             run_dir.abort()
@@ -249,21 +355,34 @@ def run_experiment(
     outs: list[VariantResult] = []
     t0 = time.perf_counter()
     try:
-        for prep in prepared:
+        for i, prep in enumerate(prepared):
             v = prep.variant
+            done = saver.finished(i, v) if saver is not None else None
+            if done is not None:
+                if not quiet:
+                    print(f"{v.label}: finished before, results loaded from {saver.root}",
+                          file=sys.stderr, flush=True)
+                outs.append(done)
+                continue
             if not quiet:
                 kind = v.stream.kind + (" (i.i.d.)" if v.stream.iid else "")
                 print(f"{v.label}: {len(v.members)} member(s), {ds.name}, {kind} stream",
                       file=sys.stderr, flush=True)
-            outs.append(run_variant(prep, ds, n_devices, quiet, blocks_per_chunk))
-    except BaseException:
-        if run_dir is not None and outs:
+            outs.append(run_variant(
+                prep, ds, n_devices, quiet, blocks_per_chunk, probe_per_class=probe_per_class,
+                checkpoint=saver.checkpointer(i) if saver is not None else None,
+                should_stop=should_stop))
+            if saver is not None:
+                saver.save_finished(i, outs[-1])
+    except BaseException as err:
+        if run_dir is not None and (outs or isinstance(err, Interrupted)):
             config = run_config(name, dataset, ds, variants, outs, command,
                                 time.perf_counter() - t0)
-            write_run(run_dir, config, outs, plot, complete=False)
+            write_run(run_dir, config, outs, plot and bool(outs), complete=False)
             path = run_dir.commit()
             print(f"{name}: stopped; the {len(outs)} finished variant(s) are in {path} "
-                  "(marked incomplete)", file=sys.stderr)
+                  "(marked incomplete)" + (f"; continue with --resume {out}"
+                                           if saver is not None else ""), file=sys.stderr)
         elif run_dir is not None:
             run_dir.abort()
         raise
@@ -271,10 +390,13 @@ def run_experiment(
     if run_dir is not None:
         try:
             summary = write_run(run_dir, config, outs, plot)
-            return summary, run_dir.commit()
+            path = run_dir.commit()
         except BaseException:
             run_dir.abort()
             raise
+        if root is not None:
+            shutil.rmtree(root, ignore_errors=True)
+        return summary, path
     rows = [{"variant": vr.variant.label, "hparams": m.hparams, **row}
             for vr in outs for m, row in zip(vr.variant.members, vr.rows, strict=True)]
     return {"members": rows, "groups": results.group_summary(rows)}, None

@@ -1,0 +1,61 @@
+"""Linear-probe accuracy of every member's final representation (Soutif-Cormerais et al. 2023,
+"A Comprehensive Empirical Evaluation on Online Continual Learning", Sec. 4, "probed accuracy").
+
+At the end of the stream the learner's features (``Learner.features`` of its ``prepare_eval``
+state) are frozen; a fresh linear classifier (``ocljax.metrics.probe``) is fitted on a
+class-stratified subset of the training pool of the seen classes - every view (task
+permutation) of it on permuted streams - and scored on each task's full test set. It asks how
+much the representation still knows, whatever the learner's own head forgot.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ocljax.data.dataset import Dataset
+from ocljax.metrics import probe
+from ocljax.streams.stream import Stream, stratified_subset
+from ocljax.types import Learner
+
+PER_CLASS = 200  # training samples per class (and view) the probe is fitted on
+MEMBERS_AT_ONCE = 16  # members probed together (bounds the features held in memory)
+
+
+def final_probe_accuracy(learner: Learner, stream: Stream, dataset: Dataset, states, hparams,
+                         seeds, per_class: int = PER_CLASS, batch: int = probe.BATCH,
+                         ) -> np.ndarray | None:
+    """Probed accuracy on each task for each member: [M, T] (None when the learner exposes no
+    ``features``, e.g. the input-blind baseline). ``states`` are the final learner states with
+    a leading member axis (``driver.run(..., keep_state=True).final_state``)."""
+    if learner.features is None:
+        return None
+    M, T, C = len(seeds), stream.n_tasks, dataset.num_classes
+    sub = stratified_subset(dataset.train_y, per_class)
+    views = np.repeat(np.arange(stream.n_views, dtype=np.int32), len(sub))
+    train_idx = np.tile(sub, stream.n_views)
+    test_idx = stream.eval_full
+    test_views = np.repeat(np.arange(stream.n_views, dtype=np.int32), len(test_idx))
+    test_idx = np.tile(test_idx, stream.n_views)
+    xs = (jnp.asarray(dataset.train_x[train_idx]), jnp.asarray(dataset.train_y[train_idx]),
+          jnp.asarray(dataset.test_x[test_idx]), jnp.asarray(dataset.test_y[test_idx]))
+
+    def member(args):
+        state, hp, aux, key = args
+        x_tr, y_tr, x_te, y_te = xs
+        prepared = learner.prepare_eval(state, hp, key)
+        seen_tr = jax.vmap(lambda v, y: stream.eval_tasks(aux, v, y[None])[0])(views, y_tr)
+        task_te = jax.vmap(lambda v, y: stream.eval_tasks(aux, v, y[None])[0])(test_views, y_te)
+        return probe.linear_probe_task_accuracy(
+            learner.features, prepared, hp,
+            stream.transform(aux, views, x_tr), y_tr, seen_tr >= 0,
+            stream.transform(aux, test_views, x_te), y_te, task_te >= 0, task_te, T, C,
+            batch=batch)
+
+    hp = jax.tree.map(lambda *v: jnp.asarray(np.stack([np.asarray(a, np.float32) for a in v])),
+                      *hparams)
+    aux = jax.tree.map(jnp.asarray, stream.aux)
+    keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(s), 3) for s in seeds])
+    run = jax.jit(lambda a: jax.lax.map(member, a, batch_size=min(M, MEMBERS_AT_ONCE)))
+    return np.asarray(run((states, hp, aux, keys)))
