@@ -20,6 +20,7 @@ from ocljax import learners, streams
 from ocljax.errors import ConfigError, Interrupted, OCLError
 from ocljax.precision import PRECISIONS
 from ocljax.sweep import (
+    distributed,
     enable_compilation_cache,
     expand,
     parse_assignment,
@@ -101,6 +102,9 @@ def build_parser(prog: str, description: str, preset: dict) -> argparse.Argument
     p.add_argument("--cpu-devices", type=int, dest="cpu_devices",
                    help="virtual CPU devices to create (default: one per member, up to 8 per "
                    "core; ignored when XLA_FLAGS already sets it)")
+    p.add_argument("--distributed", action="store_true",
+                   help="join a multi-process run (jax.distributed; also OCLJAX_DISTRIBUTED=1): "
+                   "members are sharded over the devices of all processes")
     p.add_argument("--no-plots", action="store_true", dest="no_plots")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(**{k: v for k, v in preset.items() if k not in ("set", "grid")})
@@ -259,6 +263,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "ocljax", description
         dataset, variants = plan(args, preset)
         most = max(len(v.members) for v in variants)
         request_cpu_devices(args.cpu_devices or min(most, 8 * (os.cpu_count() or 1)))
+        distributed.initialize(force=args.distributed)
         enable_compilation_cache()
         from ocljax.run.experiment import format_table, run_experiment
 

@@ -60,18 +60,20 @@ def _key(variant, hparams) -> str:
 
 
 def _read_evals(run_dir: Path) -> list[dict]:
-    path = run_dir / "eval.jsonl"
-    if not path.is_file():
-        return []
+    """Rows of ``eval.jsonl``, or of every ``eval.p{k}.jsonl`` a multi-process run wrote (one
+    per process, each with the rows of the members that process owned)."""
+    paths = [run_dir / "eval.jsonl"] if (run_dir / "eval.jsonl").is_file() else sorted(
+        run_dir.glob("eval.p*.jsonl"))
     rows = []
-    with path.open() as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: corrupt JSON ({err})") from None
+    for path in paths:
+        with path.open() as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path}:{lineno}: corrupt JSON ({err})") from None
     return rows
 
 

@@ -44,6 +44,7 @@ from ocljax.run.checkpoint import Checkpointer, Interrupted
 from ocljax.run.evaluation import EvalPool, make_pool, per_task_accuracy
 from ocljax.streams.schedule import EVAL_CONTINUAL, EVAL_TASK_END
 from ocljax.streams.stream import Stream
+from ocljax.sweep.distributed import to_host
 from ocljax.types import Array, Batch, Learner
 
 AXIS = "members"
@@ -100,12 +101,29 @@ class RunResult:
 
 
 def local_mesh(n_devices: int | None = None) -> jax.sharding.Mesh:
-    """A 1-D mesh over the first ``n_devices`` local devices (all by default)."""
+    """A 1-D mesh over the first ``n_devices`` local devices (all by default). In a
+    multi-process run (``ocljax.sweep.distributed``) the mesh spans every device of every
+    process, in process order, and ``n_devices`` must be None or their number."""
+    if jax.process_count() > 1:
+        devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+        if n_devices not in (None, len(devices)):
+            raise ConfigError(f"a multi-process run uses all {len(devices)} devices of its "
+                              f"{jax.process_count()} processes; got --devices {n_devices}")
+        return jax.sharding.Mesh(np.array(devices), (AXIS,))
     devices = jax.local_devices()
     n = len(devices) if n_devices is None else n_devices
     if not 1 <= n <= len(devices):
         raise ConfigError(f"asked for {n} devices, {len(devices)} are available")
     return jax.sharding.Mesh(np.array(devices[:n]), (AXIS,))
+
+
+def put_global(tree, sharding):
+    """Host arrays (the same full copy on every process) as arrays laid out by ``sharding``:
+    ``device_put`` in one process; across processes each feeds its own devices' shards."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+    return jax.tree.map(lambda a: jax.make_array_from_callback(
+        np.shape(a), sharding, lambda index, a=a: np.asarray(a)[index]), tree)
 
 
 def stack_members(items: Sequence) -> object:
@@ -453,8 +471,8 @@ def _run(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chunk, 
     D = mesh.devices.size
     Mp = -(-M // D) * D
     member_sh, shared_sh = NamedSharding(mesh, P(AXIS)), NamedSharding(mesh, P())
-    put_m = partial(jax.device_put, device=member_sh)
-    put_s = partial(jax.device_put, device=shared_sh)
+    put_m = partial(put_global, sharding=member_sh)
+    put_s = partial(put_global, sharding=shared_sh)
     chosen = eval_batch  # an explicit evaluation batch is kept; the default may shrink
 
     t0 = time.perf_counter()
@@ -525,7 +543,8 @@ def _run(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chunk, 
     if resumed is None:
         state = program.init(keys, hp, example_x)
         acc0 = program.initial_eval(state, hp, keys, aux, full_pool)
-        history = History.empty(Mp, stream.n_tasks)._replace(acc0=jax.tree.map(np.asarray, acc0))
+        history = History.empty(Mp, stream.n_tasks)._replace(acc0=jax.tree.map(to_host, acc0))
+        acc0 = history.acc0
         next_block, run_before = 0, 0.0
     else:
         tree, meta = resumed
@@ -597,10 +616,10 @@ def _run(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chunk, 
         run_s=run_s,
         trace_count=program.trace_count,
         final_state=jax.tree.map(lambda a: a[:M], state[0]) if keep_state else None,
-        diverged_step=np.asarray(state[2])[:M, 0].astype(np.int64),
-        diverged_cause=np.asarray(state[2])[:M, 1].astype(np.int64),
+        diverged_step=to_host(state[2])[:M, 0].astype(np.int64),
+        diverged_cause=to_host(state[2])[:M, 1].astype(np.int64),
         extra={"memory": dataclasses.asdict(plan) | {"per_member": plan.per_member},
-               "eval_batch": eval_batch},
+               "eval_batch": eval_batch, "padded_members": Mp},
     )
 
 
@@ -680,13 +699,13 @@ class History(NamedTuple):
     def extend(self, pending: list, counts) -> History:
         """Append device outputs ``[(accs, losses, end_step)]`` (fetched to the host)."""
         if not pending:
-            return self._replace(counts=np.asarray(counts))
+            return self._replace(counts=to_host(counts))
         accs = evaluation.Accuracies(*(
             np.concatenate([np.asarray(getattr(self.accs, f))]
-                           + [np.asarray(getattr(a, f)) for a, _, _ in pending], axis=1)
+                           + [to_host(getattr(a, f)) for a, _, _ in pending], axis=1)
             for f in evaluation.Accuracies._fields))
-        losses = np.concatenate([self.losses] + [np.asarray(lo) for _, lo, _ in pending], axis=1)
-        return History(self.acc0, accs, losses, np.asarray(counts))
+        losses = np.concatenate([self.losses] + [to_host(lo) for _, lo, _ in pending], axis=1)
+        return History(self.acc0, accs, losses, to_host(counts))
 
 
 def checkpoint_target(abstract_carried, Mp: int, T: int, layout: dict, meta: dict) -> dict:

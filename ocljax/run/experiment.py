@@ -24,7 +24,7 @@ from ocljax.run import driver, plots, probing, results
 from ocljax.run.checkpoint import Checkpointer, Interrupted
 from ocljax.run.progress import Progress
 from ocljax.streams.schedule import EVAL_TASK_END
-from ocljax.sweep import Member, devices_for
+from ocljax.sweep import Member, devices_for, distributed
 
 
 @dataclass(frozen=True)
@@ -110,9 +110,14 @@ def run_variant(
     resumes from it and saves to it (see ``ocljax.run.driver.run``)."""
     variant = prep.variant
     seeds = [m.seed for m in variant.members]
-    n = n_devices or devices_for(len(seeds), len(jax.local_devices()))
+    n = n_devices or (None if distributed.process_count() > 1
+                      else devices_for(len(seeds), len(jax.local_devices())))
     progress = None if quiet else Progress(variant.label, variant.stream.batch_size * len(seeds))
     log = None if quiet else (lambda msg: print(f"[{variant.label}] {msg}", flush=True))
+    if distributed.process_count() > 1 and probe_per_class > 0:
+        probe_per_class = 0  # the probe reads whole member states: single-process runs only
+        if log is not None:
+            log("linear probe: skipped in a multi-process run")
     if checkpoint is not None and log is not None:
         checkpoint.log = log
     result = driver.run(
@@ -132,7 +137,7 @@ def run_variant(
             if log is not None:
                 log(f"linear probe: {time.perf_counter() - t0:.1f} s")
     result.final_state = None  # not kept past the probe (nor pickled for resume)
-    result.extra["devices"] = n
+    result.extra["devices"] = n or len(jax.devices())
     result.extra["task_classes"] = prep.stream.task_classes
     return VariantResult(variant, result, results.member_metrics(result))
 
@@ -167,16 +172,14 @@ def write_run(
     complete: bool = True,
 ) -> dict:
     """Write config, members, evaluations, summaries and plots; returns the summary."""
-    members, evals, index = [], [], 0
+    members, index = [], 0
+    evals = eval_records(outs)
     for vr in outs:
-        infos = []
         for m, (member, row) in enumerate(zip(vr.variant.members, vr.rows, strict=True)):
             info = {"member": index, "variant": vr.variant.label, "learner": vr.variant.learner,
                     "seed": member.seed, "hparams": member.hparams}
-            infos.append(info)
             members.append({**info, "task_classes": vr.result.extra["task_classes"][m], **row})
             index += 1
-        evals.extend(results.eval_rows(vr.result, infos))
     summary_members = [
         {k: m[k] for k in ("member", "variant", "learner", "seed", "hparams", *results.METRICS,
                            "acc_matrix", "diverged", "diverged_block", "diverged_step",
@@ -190,12 +193,40 @@ def write_run(
         {k: m[k] for k in ("member", "variant", "learner", "seed", "hparams", "task_classes")}
         for m in members
     ])
-    run_dir.write_jsonl("eval.jsonl", evals)
+    run_dir.write_jsonl(eval_file(), evals)
     run_dir.write_json("summary.json", summary)
     run_dir.write_text("summary.csv", results.summary_csv(groups))
     if plot:
         write_plots(run_dir, outs, groups)
     return summary
+
+
+def eval_file() -> str:
+    """``eval.jsonl``; ``eval.p{k}.jsonl`` for process k of a multi-process run."""
+    if distributed.process_count() == 1:
+        return "eval.jsonl"
+    return f"eval.p{distributed.process_index()}.jsonl"
+
+
+def eval_records(outs: list[VariantResult]) -> list[dict]:
+    """The ``eval.jsonl`` rows of every member this process owns (all of them in a
+    single-process run; in a multi-process run, those on its devices)."""
+    rows, index = [], 0
+    multi = distributed.process_count() > 1
+    for vr in outs:
+        infos, owned = [], []
+        members = vr.variant.members
+        mine = (distributed.owned_members(vr.result.extra.get("padded_members", len(members)))
+                if multi else range(len(members)))
+        for m, member in enumerate(members):
+            if m in mine:
+                infos.append({"member": index + m, "variant": vr.variant.label,
+                              "seed": member.seed, "hparams": member.hparams})
+                owned.append(m)
+        if owned:
+            rows.extend(results.eval_rows(vr.result, infos, owned))
+        index += len(members)
+    return rows
 
 
 def write_plots(run_dir: results.RunDirectory, outs: list[VariantResult], groups) -> None:
@@ -329,7 +360,12 @@ def run_experiment(
     """
     if resume and not out:
         raise ConfigError("--resume needs the run directory to continue (--resume RUN_DIR)")
-    root = checkpoint_root(out) if out else None
+    multi = distributed.process_count() > 1
+    if multi and resume:
+        raise ConfigError("--resume is not supported in multi-process runs yet (checkpoints "
+                          "are written by single-process runs only)")
+    lead_out = out if distributed.process_index() == 0 else None  # process 0 writes the run
+    root = checkpoint_root(out) if out and not multi else None
     if root is not None and root.exists() and not resume:
         if not overwrite:
             raise ConfigError(
@@ -340,7 +376,7 @@ def run_experiment(
         done = Path(out) / "summary.json"
         if done.exists() and json.loads(done.read_text()).get("complete"):
             raise ConfigError(f"{out} is already complete; nothing to resume")
-    run_dir = results.RunDirectory(out, overwrite or resume) if out else None
+    run_dir = results.RunDirectory(lead_out, overwrite or resume) if lead_out else None
     try:
         ds = data.load(dataset, data_dir)
         prepared = [prepare_variant(v, ds) for v in variants]
@@ -396,7 +432,14 @@ def run_experiment(
             raise
         if root is not None:
             shutil.rmtree(root, ignore_errors=True)
+        distributed.barrier("ocljax-run-directory-written")
         return summary, path
+    if out and multi:  # another process's rows, into the run directory process 0 wrote
+        distributed.barrier("ocljax-run-directory-written")
+        Path(out).mkdir(parents=True, exist_ok=True)
+        results.write_atomic(Path(out) / eval_file(),
+                             "".join(json.dumps(results.clean(r)) + "\n"
+                                     for r in eval_records(outs)))
     rows = [{"variant": vr.variant.label, "hparams": m.hparams, **row}
             for vr in outs for m, row in zip(vr.variant.members, vr.rows, strict=True)]
     return {"members": rows, "groups": results.group_summary(rows)}, None

@@ -153,11 +153,12 @@ def group_summary(members: list[dict]) -> list[dict]:
     return out
 
 
-def eval_rows(result, members: list[dict]):
-    """One ``eval.jsonl`` record per (member, evaluation)."""
+def eval_rows(result, members: list[dict], index: list[int] | None = None):
+    """One ``eval.jsonl`` record per (member, evaluation); ``members[i]`` describes member
+    ``index[i]`` of ``result`` (default: member i)."""
     kinds = {EVAL_TASK_END: "task_end"}
     anytime = metrics.anytime_accuracy(result.acc, result.eval_task)
-    for m, info in enumerate(members):
+    for m, info in zip(index or range(len(members)), members, strict=True):
         for e in range(result.acc.shape[1]):
             yield {
                 "member": info["member"], "variant": info["variant"], "seed": info["seed"],

@@ -1,0 +1,59 @@
+"""Two processes over loopback (jax.distributed on CPU) give a single process's numbers."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ARGS = ["-m", "experiments.quickstart", "--learner", "er", "--seeds", "4", "--set", "width=16",
+        "--set", "near_future=2", "--no-plots", "--quiet", "--probe-per-class", "0"]
+TIMING = {"wall_s_per_member", "memory_per_member_bytes"}  # differ by layout, not by result
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env(devices: int, **extra) -> dict:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("OCLJAX_")}
+    return {**base, "PYTHONPATH": str(ROOT), "OCLJAX_CACHE_DIR": "",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", **extra}
+
+
+def members(run: Path) -> list[dict]:
+    summary = json.loads((run / "summary.json").read_text())
+    return [{k: v for k, v in m.items() if k not in TIMING} for m in summary["members"]]
+
+
+def evals(paths) -> list[dict]:
+    rows = [json.loads(line) for p in paths for line in p.read_text().splitlines()]
+    return sorted(rows, key=lambda r: (r["member"], r["step"]))
+
+
+def test_two_processes_equal_one(tmp_path):
+    port = free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, *ARGS, "--out", str(tmp_path / "multi")], cwd=ROOT,
+        env=env(2, OCLJAX_DISTRIBUTED="1", OCLJAX_COORDINATOR=f"127.0.0.1:{port}",
+                OCLJAX_NUM_PROCESSES="2", OCLJAX_PROCESS_ID=str(k)),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err
+    single = subprocess.run([sys.executable, *ARGS, "--out", str(tmp_path / "single")],
+                            cwd=ROOT, env=env(4), capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    multi = tmp_path / "multi"
+    assert members(multi) == members(tmp_path / "single")
+    # each process wrote the evaluation rows of the members on its own devices
+    p0, p1 = multi / "eval.p0.jsonl", multi / "eval.p1.jsonl"
+    assert {r["member"] for r in evals([p0])} == {0, 1}
+    assert {r["member"] for r in evals([p1])} == {2, 3}
+    assert evals([p0, p1]) == evals([tmp_path / "single" / "eval.jsonl"])
+    config = json.loads((multi / "config.json").read_text())
+    assert config["complete"] is True
