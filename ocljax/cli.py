@@ -26,6 +26,7 @@ from ocljax.sweep import (
     parse_assignment,
     parse_value,
     request_cpu_devices,
+    request_deterministic,
 )
 
 STREAM_FIELDS = {f.name: f.default for f in dataclasses.fields(streams.StreamConfig)}
@@ -105,6 +106,9 @@ def build_parser(prog: str, description: str, preset: dict) -> argparse.Argument
     p.add_argument("--distributed", action="store_true",
                    help="join a multi-process run (jax.distributed; also OCLJAX_DISTRIBUTED=1): "
                    "members are sharded over the devices of all processes")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic GPU kernels (XLA_FLAGS=--xla_gpu_deterministic_ops=true)"
+                   "; CPU and TPU runs are deterministic anyway (docs/determinism.md)")
     p.add_argument("--no-plots", action="store_true", dest="no_plots")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(**{k: v for k, v in preset.items() if k not in ("set", "grid")})
@@ -263,6 +267,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "ocljax", description
         dataset, variants = plan(args, preset)
         most = max(len(v.members) for v in variants)
         request_cpu_devices(args.cpu_devices or min(most, 8 * (os.cpu_count() or 1)))
+        if args.deterministic:
+            request_deterministic()
         distributed.initialize(force=args.distributed)
         enable_compilation_cache()
         from ocljax.run.experiment import format_table, run_experiment

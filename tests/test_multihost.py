@@ -57,3 +57,20 @@ def test_two_processes_equal_one(tmp_path):
     assert evals([p0, p1]) == evals([tmp_path / "single" / "eval.jsonl"])
     config = json.loads((multi / "config.json").read_text())
     assert config["complete"] is True
+
+
+def test_distributed_is_requested_by_env_or_a_multi_worker_tpu(monkeypatch):
+    from ocljax.sweep import distributed
+
+    for key in ("OCLJAX_DISTRIBUTED", "TPU_WORKER_HOSTNAMES"):
+        monkeypatch.delenv(key, raising=False)
+    assert not distributed.requested()
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "10.0.0.2")  # a single-host TPU VM
+    assert not distributed.requested()
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "10.0.0.2,10.0.0.3")  # a pod slice
+    assert distributed.requested()
+    monkeypatch.setenv("OCLJAX_DISTRIBUTED", "0")
+    assert not distributed.requested()
+    monkeypatch.setenv("OCLJAX_DISTRIBUTED", "1")
+    monkeypatch.delenv("TPU_WORKER_HOSTNAMES")
+    assert distributed.requested()

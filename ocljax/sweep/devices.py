@@ -26,6 +26,21 @@ def request_cpu_devices(n: int) -> bool:
     return True
 
 
+DETERMINISTIC_FLAG = "--xla_gpu_deterministic_ops=true"
+
+
+def request_deterministic() -> bool:
+    """Ask XLA for deterministic GPU kernels (no atomics in scatter-adds and reductions, a
+    fixed convolution algorithm): identical bits run to run on one GPU, at some speed cost.
+    CPU and TPU runs are deterministic without it. Must run before JAX initialises its
+    backends; returns True when the flag was added (see ``docs/determinism.md``)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_gpu_deterministic_ops" in flags:
+        return False
+    os.environ["XLA_FLAGS"] = f"{flags} {DETERMINISTIC_FLAG}".strip()
+    return True
+
+
 def devices_for(n_members: int, n_available: int) -> int:
     """How many devices to spread ``n_members`` over: as few rounds of members per device as
     ``n_available`` allows, with the least padding (e.g. 5 members on 8 devices -> 5)."""

@@ -8,8 +8,9 @@ Process 0 writes the shared summary; every process writes the evaluation rows of
 it owns (``eval.p{k}.jsonl``).
 
 ``initialize()`` calls ``jax.distributed.initialize`` when asked to:
-* ``OCLJAX_DISTRIBUTED=1`` (or the CLI's ``--distributed``): on Cloud TPU VMs and SLURM, JAX
-  detects the coordinator, process count and id itself;
+* ``OCLJAX_DISTRIBUTED=1`` (or the CLI's ``--distributed``), or automatically on a worker of a
+  multi-host Cloud TPU slice: there (and on SLURM) JAX detects the coordinator, process count
+  and id itself;
 * elsewhere (e.g. several processes on one machine, talking over loopback) also set
   ``OCLJAX_COORDINATOR=host:port``, ``OCLJAX_NUM_PROCESSES`` and ``OCLJAX_PROCESS_ID``.
 It must run before JAX touches a backend.
@@ -27,8 +28,15 @@ _initialized = False
 
 
 def requested() -> bool:
-    """True when the environment asks for a multi-process run."""
-    return os.environ.get("OCLJAX_DISTRIBUTED", "") not in ("", "0", "false", "False")
+    """True when the environment asks for a multi-process run: ``OCLJAX_DISTRIBUTED=1``, or a
+    Cloud TPU VM that is one worker of several (``TPU_WORKER_HOSTNAMES`` lists more than one
+    host; ``OCLJAX_DISTRIBUTED=0`` turns this off)."""
+    flag = os.environ.get("OCLJAX_DISTRIBUTED", "")
+    if flag in ("0", "false", "False"):
+        return False
+    if flag:
+        return True
+    return len([h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
 
 
 def initialize(force: bool = False) -> bool:
