@@ -8,7 +8,7 @@ and prints one Markdown table per benchmark (experiment and dataset): a row per 
 hyperparameter setting, each metric as mean ± std over the seeds that did not diverge, the best
 value of each column in bold (highest accuracy, lowest forgetting; ``@iid`` upper-bound rows are
 not ranked, nor are the blind-baseline and compute columns). Where a group has the input-blind
-baseline (``blind_online_accuracy`` / ``blind_near_future_accuracy``, Al Ghunaim et al. 2023,
+baseline (``blind_online_accuracy`` / ``blind_near_future_accuracy``, Hammoud et al. 2023,
 "Rapid Adaptation in Online Continual Learning: Are We Evaluating It Right?"), its mean is shown
 beside the online / near-future accuracy, e.g. ``0.972 ± 0.001 (blind 0.90)``. Compute columns
 (FLOPs, steps, wall time, memory) are printed human-readably (``1.2 GFLOP``, ``7.9 MiB``).
@@ -297,13 +297,18 @@ def tables(rows: list[Row], columns: Sequence[str] = DEFAULT_COLUMNS) -> list[Ta
     out = []
     for bench, group in by_benchmark(rows).items():
         show_hp = len({r.label for r in group}) < len(group)
-        best = {c: _best(group, c) for c in columns}
-        head = ["method", *(COLUMNS[c][0] + (" ↑" if COLUMNS[c][1] else " ↓") for c in columns),
+        cols = list(columns)
+        measured = any((r.stats.get("near_future_accuracy") or {}).get("mean") is not None
+                       for r in group)
+        if tuple(columns) == DEFAULT_COLUMNS and measured:  # beside online accuracy
+            cols.insert(cols.index("online_accuracy") + 1, "near_future_accuracy")
+        best = {c: _best(group, c) for c in cols}
+        head = ["method", *(COLUMNS[c][0] + (" ↑" if COLUMNS[c][1] else " ↓") for c in cols),
                 "seeds"]
         body = []
         for r in group:
             seeds = f"{r.n}" + (f" ({r.n_diverged} diverged)" if r.n_diverged else "")
-            body.append([Cell(row_name(r, show_hp)), *(_cell(r, c, best[c]) for c in columns),
+            body.append([Cell(row_name(r, show_hp)), *(_cell(r, c, best[c]) for c in cols),
                          Cell(seeds)])
         out.append(Table(bench, head, body))
     return out
@@ -318,7 +323,7 @@ def table_note(tabs: list[Table]) -> str:
             "the learner was given task boundaries (all other rows are task-free).")
     if any(c.note for t in tabs for r in t.rows for c in r):
         note += (" `(blind x)`: the same accuracy of the input-blind baseline, which predicts "
-                 "from the recent labels alone (Al Ghunaim et al. 2023).")
+                 "from the recent labels alone (Hammoud et al. 2023).")
     return note
 
 

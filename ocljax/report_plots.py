@@ -22,7 +22,7 @@ CAPTIONS = {
     ANYTIME: "Anytime accuracy (accuracy on the tasks seen so far) against training step, "
              "mean ± 1 std over seeds; dotted: task ends.",
     BARS: "Online, near-future and input-blind baseline accuracies (mean, std error bars); "
-          "hatched: blind baseline (Al Ghunaim et al. 2023).",
+          "hatched: blind baseline (Hammoud et al. 2023).",
     STABILITY: "Accuracy on task j against step, mean ± 1 std over seeds; dashed: end of "
                "task j, dotted: later task boundaries. A drop right after a boundary that "
                "later recovers is the stability gap; legend: min-ACC (De Lange et al. 2023).",

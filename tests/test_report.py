@@ -149,9 +149,12 @@ def test_blind_numbers_sit_beside_online_and_near_future_accuracy(tmp_path):
             "| 0.900 ± 0.000 | 2 (1 diverged) |") in text  # blind column itself is not ranked
     assert "| finetune | 0.500 ± 0.000 | n/a | n/a | 1 |" in text
     assert "`(blind x)`" in text
-    # without blind numbers the cell and the note are as before
+    # without blind numbers the cell and the note are as before; the default columns gain
+    # near-future accuracy, beside online accuracy, when the run measured it
     plain = report.markdown(report.load_run(rich_run(tmp_path / "p", blind=False)))
-    assert "| **0.972 ± 0.001** | 2 (1 diverged) |" in plain and "blind" not in plain
+    assert "| online acc ↑ | near-future acc ↑ | seeds |" in plain
+    assert "| **0.972 ± 0.001** | **0.950 ± 0.002** | 2 (1 diverged) |" in plain
+    assert "blind" not in plain
 
 
 def test_compute_columns_are_human_readable_and_never_bold(tmp_path):
