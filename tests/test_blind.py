@@ -89,6 +89,10 @@ def test_near_future_off_is_nan_and_changes_nothing_else(tiny_ds):
     on = driver.run(learner, streams.build(on_cfg, tiny_ds, [0]), tiny_ds, hps, [0],
                     n_devices=1)
     assert np.isnan(off.near_future_accuracy).all()
+    untracked = driver.run(learner, streams.build(dataclasses.replace(cfg, blind_window=0),
+                                                  tiny_ds, [0]), tiny_ds, hps, [0], n_devices=1)
+    assert np.isnan(untracked.blind_online_accuracy).all()
+    np.testing.assert_array_equal(untracked.acc, off.acc)
     assert 0 <= on.near_future_accuracy[0] <= 1
     np.testing.assert_array_equal(on.acc, off.acc)  # scoring ahead does not touch training
     np.testing.assert_array_equal(on.online_accuracy, off.online_accuracy)

@@ -78,7 +78,7 @@ def test_schedule_blocks_align_task_ends_and_pad():
     ({"eval_every": 10, "eval_dense_every": 4}, "multiple of eval_dense_every"),
     ({"eval_dense_window": 8}, "needs eval_dense_every"),
     ({"near_future": -2}, "near_future must be >= 0"),
-    ({"blind_window": 0}, "blind_window must be >= 1"),
+    ({"blind_window": -1}, "blind_window must be >= 0"),
 ])
 def test_bad_stream_settings(tiny_ds, kw, message):
     with pytest.raises(ConfigError, match=message):

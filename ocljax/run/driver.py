@@ -203,6 +203,7 @@ class Program:
         self.trace_count = 0
         hide = stream.cfg.task_free or stream.cfg.iid
         near_future = stream.cfg.near_future > 0
+        track = stream.cfg.blind_window > 0  # the input-blind baseline beside online accuracy
         evaluate = partial(per_task_accuracy, learner, stream.transform, stream.eval_tasks,
                            stream.n_views, stream.n_tasks)
         n_tasks = stream.n_tasks
@@ -239,16 +240,18 @@ class Program:
                     logits = metrics.get("stream_logits")
                     if logits is None:
                         logits = learner.predict(st, x, hp)
-                    guess = blind.predict_labels(seen, num_classes, y.shape[0])
-                    hits = [(jnp.argmax(logits, -1) == y).sum() * info.fresh,
-                            jnp.zeros((), jnp.int32), (guess == y).sum() * info.fresh,
-                            jnp.zeros((), jnp.int32)]
+                    zero = jnp.zeros((), jnp.int32)
+                    guess = blind.predict_labels(seen, num_classes, y.shape[0]) if track else None
+                    hits = [(jnp.argmax(logits, -1) == y).sum() * info.fresh, zero,
+                            (guess == y).sum() * info.fresh if track else zero, zero]
                     if near_future:  # the pre-update model on the batch S batches ahead
                         xf, yf = fetch(fidx_s)
                         ahead = info.future >= 0
                         hits[1] = (jnp.argmax(learner.predict(st, xf, hp), -1) == yf).sum() * ahead
-                        hits[3] = (guess == yf).sum() * ahead
-                    seen = blind.observe(seen, y, info.fresh)
+                        if track:
+                            hits[3] = (guess == yf).sum() * ahead
+                    if track:
+                        seen = blind.observe(seen, y, info.fresh)
                     hits = jnp.stack(hits).astype(jnp.int32)
                     return (new, seen), hits, metrics["loss"].astype(jnp.float32)
 
@@ -303,7 +306,7 @@ class Program:
 
         def member_init(key, hp, example_x):
             return (learner.init(jax.random.fold_in(key, 0), example_x, hp),
-                    blind.init_state(stream.cfg.blind_window), HEALTHY)
+                    blind.init_state(max(stream.cfg.blind_window, 1)), HEALTHY)
 
         self.init = jax.jit(shard_map(
             over_members(member_init, (0, 0, None), members_per_device), mesh=mesh,
@@ -598,13 +601,14 @@ def _run(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chunk, 
     n_ahead = int((stream.schedule.steps.future >= 0).sum()) * B
     counts = history.counts[:M].astype(np.float64)  # [M, 4], see member_chunk
     nan = np.full(M, np.nan)
+    blind_on = stream.cfg.blind_window > 0
     return RunResult(
         acc=evals("acc"),
         task_aware=evals("task_aware"),
         cumulative=evals("cumulative"),
         near_future_accuracy=counts[:, 1] / n_ahead if n_ahead else nan,
-        blind_online_accuracy=counts[:, 2] / max(n_fresh, 1),
-        blind_near_future_accuracy=counts[:, 3] / n_ahead if n_ahead else nan,
+        blind_online_accuracy=counts[:, 2] / max(n_fresh, 1) if blind_on else nan,
+        blind_near_future_accuracy=counts[:, 3] / n_ahead if n_ahead and blind_on else nan,
         eval_step=np.concatenate([[0], steps]).astype(np.int64),
         eval_kind=np.concatenate([[EVAL_TASK_END], kind[keep]]).astype(np.int32),
         eval_task=np.concatenate([[-1], task]).astype(np.int32),

@@ -35,7 +35,7 @@ class StreamConfig:
     near_future: S > 0 also scores the model of each step on the incoming batch S batches later
         (near-future accuracy, Hammoud et al. 2023; 0: off, it costs one forward pass a step).
     blind_window: labels the input-blind baseline remembers (``ocljax.learners.blind``), tracked
-        beside every run's online and near-future accuracy.
+        beside every run's online and near-future accuracy (0: not tracked).
     """
 
     kind: str = "split"
@@ -67,8 +67,8 @@ class StreamConfig:
                      "eval_dense_every", "eval_dense_window", "near_future"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.blind_window < 1:
-            raise ConfigError(f"blind_window must be >= 1, got {self.blind_window}")
+        if self.blind_window < 0:
+            raise ConfigError(f"blind_window must be >= 0, got {self.blind_window}")
         if self.eval_dense_every and self.eval_every % self.eval_dense_every:
             raise ConfigError(f"eval_every ({self.eval_every}) must be a multiple of "
                               f"eval_dense_every ({self.eval_dense_every})")
