@@ -74,3 +74,41 @@ def test_distributed_is_requested_by_env_or_a_multi_worker_tpu(monkeypatch):
     monkeypatch.setenv("OCLJAX_DISTRIBUTED", "1")
     monkeypatch.delenv("TPU_WORKER_HOSTNAMES")
     assert distributed.requested()
+
+
+def test_two_processes_killed_and_resumed_equal_one(tmp_path):
+    """SIGKILL both processes after their second checkpoint, resume both: same numbers as one
+    uninterrupted process (checkpoints on a file system both processes see)."""
+    import time
+
+    args = [*ARGS, "--learner", "er,finetune", "--set", "eval_every=5", "--chunk-blocks", "2",
+            "--checkpoint-every", "0"]
+
+    def launch(flag):
+        port = free_port()
+        return [subprocess.Popen(
+            [sys.executable, *args, flag, str(tmp_path / "multi")], cwd=ROOT,
+            env=env(2, OCLJAX_DISTRIBUTED="1", OCLJAX_COORDINATOR=f"127.0.0.1:{port}",
+                    OCLJAX_NUM_PROCESSES="2", OCLJAX_PROCESS_ID=str(k)),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in range(2)]
+
+    procs = launch("--out")
+    ckpt = tmp_path / ".multi.ckpt" / "variant-0"
+    t0 = time.time()
+    while len([p for p in ckpt.glob("*") if p.name.isdigit()]) < 2:
+        assert time.time() - t0 < 240 and all(p.poll() is None for p in procs), "no checkpoint"
+        time.sleep(0.05)
+    for p in procs:
+        p.kill()
+        p.wait()
+    assert not (tmp_path / "multi").exists()
+    procs = launch("--resume")
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    single = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "single")],
+                            cwd=ROOT, env=env(4), capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    assert members(tmp_path / "multi") == members(tmp_path / "single")
+    assert not (tmp_path / ".multi.ckpt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["multi", "single"]

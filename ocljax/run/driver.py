@@ -569,8 +569,9 @@ def _run(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chunk, 
         if progress is not None and len(pending) > 1:
             jax.block_until_ready(pending[-2][0])  # the previous chunk; this one is queued
             progress(pending[-2][2], stream.total_steps, time.perf_counter() - t1)
-        stop = should_stop is not None and should_stop()
-        if checkpoint is not None and (stop or checkpoint.due()) and next_block < sched.n_blocks:
+        stop, due = agree(should_stop is not None and should_stop(),
+                          checkpoint is not None and checkpoint.due())
+        if checkpoint is not None and (stop or due) and next_block < sched.n_blocks:
             history = history.extend(pending, correct_total)
             pending = []
             checkpoint.save(next_block, {"carried": state, "history": history._asdict()},
@@ -684,6 +685,17 @@ def compute_costs(learner: Learner, stream: Stream, dataset: Dataset, hp, result
         "wall_s_per_member": result.run_s / max(result.n_members, 1),
         "memory_per_member_bytes": result.extra["memory"]["per_member"],
     }
+
+
+def agree(*flags: bool) -> tuple[bool, ...]:
+    """Each flag True on every process if it is True on any (one process's SIGTERM or timer
+    must stop / checkpoint all of them at the same chunk, or their collectives would hang)."""
+    if jax.process_count() == 1:
+        return tuple(bool(f) for f in flags)
+    from jax.experimental import multihost_utils
+
+    every = multihost_utils.process_allgather(np.array(flags, np.int32))
+    return tuple(bool(v) for v in np.asarray(every).reshape(-1, len(flags)).any(0))
 
 
 class History(NamedTuple):

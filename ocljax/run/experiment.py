@@ -315,9 +315,10 @@ class Resumable:
                     f"the checkpoints in {root} belong to a run with other settings (differs "
                     f"in: {', '.join(diff) or 'variants'}); rerun the original command with "
                     "--resume, or start over with --overwrite")
-        else:
+        elif distributed.process_index() == 0:
             root.mkdir(parents=True, exist_ok=True)
             results.write_atomic(plan_file, json.dumps(fingerprint, indent=1, sort_keys=True))
+        distributed.barrier("ocljax-checkpoint-plan")
 
     def checkpointer(self, i: int) -> Checkpointer:
         return Checkpointer(self.root / f"variant-{i}", self.every_s, self.keep)
@@ -335,10 +336,12 @@ class Resumable:
         return VariantResult(variant, result, results.member_metrics(result))
 
     def save_finished(self, i: int, vr: VariantResult) -> None:
-        path = self.root / f"variant-{i}.done.pkl"
-        tmp = path.with_name(f".{path.name}.part")
-        tmp.write_bytes(pickle.dumps(vr.result))
-        os.replace(tmp, path)
+        if distributed.process_index() == 0:  # results are all-gathered: the same everywhere
+            path = self.root / f"variant-{i}.done.pkl"
+            tmp = path.with_name(f".{path.name}.part")
+            tmp.write_bytes(pickle.dumps(vr.result))
+            os.replace(tmp, path)
+        distributed.barrier(f"ocljax-variant-{i}-saved")
 
 
 def run_experiment(
@@ -361,21 +364,25 @@ def run_experiment(
     if resume and not out:
         raise ConfigError("--resume needs the run directory to continue (--resume RUN_DIR)")
     multi = distributed.process_count() > 1
-    if multi and resume:
-        raise ConfigError("--resume is not supported in multi-process runs yet (checkpoints "
-                          "are written by single-process runs only)")
     lead_out = out if distributed.process_index() == 0 else None  # process 0 writes the run
-    root = checkpoint_root(out) if out and not multi else None
+    root = checkpoint_root(out) if out else None  # multi-process: on a shared file system
     if root is not None and root.exists() and not resume:
         if not overwrite:
             raise ConfigError(
                 f"{out} has checkpoints of an interrupted run in {root}: pass --resume to "
                 "continue it, or --overwrite to start over")
-        shutil.rmtree(root)
+        distributed.barrier("ocljax-checkpoints-seen")  # every process saw them before removal
+        if distributed.process_index() == 0:
+            shutil.rmtree(root, ignore_errors=True)
+        distributed.barrier("ocljax-checkpoints-removed")
     if resume and root is not None and not root.exists() and Path(out).is_dir():
         done = Path(out) / "summary.json"
         if done.exists() and json.loads(done.read_text()).get("complete"):
             raise ConfigError(f"{out} is already complete; nothing to resume")
+    if resume and lead_out:  # temporaries of a killed run (SIGKILL leaves them behind)
+        for stale in Path(out).resolve().parent.glob(f".{Path(out).name}.*"):
+            if stale.is_dir() and stale != root:
+                shutil.rmtree(stale, ignore_errors=True)
     run_dir = results.RunDirectory(lead_out, overwrite or resume) if lead_out else None
     try:
         ds = data.load(dataset, data_dir)
