@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["-m", "experiments.quickstart", "--learner", "er", "--seeds", "4", "--set", "width=16",
         "--set", "near_future=2", "--no-plots", "--quiet", "--probe-per-class", "0"]
@@ -76,6 +78,7 @@ def test_distributed_is_requested_by_env_or_a_multi_worker_tpu(monkeypatch):
     assert distributed.requested()
 
 
+@pytest.mark.slow  # ~1 min of real processes; run with `pytest -m slow`
 def test_two_processes_killed_and_resumed_equal_one(tmp_path):
     """SIGKILL both processes after their second checkpoint, resume both: same numbers as one
     uninterrupted process (checkpoints on a file system both processes see)."""

@@ -53,7 +53,8 @@ def reference(tmp_path_factory):
     return numbers(out)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [pytest.param(signal.SIGKILL, marks=pytest.mark.slow),
+                                 signal.SIGTERM])
 def test_killed_run_resumes_bit_identically(tmp_path, reference, sig):
     out = tmp_path / "run"
     root = tmp_path / ".run.ckpt"
