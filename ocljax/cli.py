@@ -115,6 +115,22 @@ def build_parser(prog: str, description: str, preset: dict) -> argparse.Argument
     return p
 
 
+# Traced hyperparameters that must be positive / non-negative wherever a learner has them.
+POSITIVE = ("lr", "temperature")
+NON_NEGATIVE = ("lam", "alpha", "beta", "gamma", "epsilon", "step_size", "min_lr",
+                "mean_threshold", "var_threshold")
+
+
+def check_hparams(learner: str, hparams: dict) -> None:
+    """``ConfigError`` for a traced hyperparameter outside its meaningful range (a negative
+    learning rate runs gradient ascent without any error of its own)."""
+    for key, value in hparams.items():
+        if key in POSITIVE and not value > 0:
+            raise ConfigError(f"{key} must be > 0 (learner {learner}), got {value:g}")
+        if key in NON_NEGATIVE and not value >= 0:
+            raise ConfigError(f"{key} must be >= 0 (learner {learner}), got {value:g}")
+
+
 def parse_grid(entries: list[str]) -> dict[str, list[str]]:
     """``["lr=0.1,0.3"]`` -> ``{"lr": ["0.1", "0.3"]}``."""
     grid = {}
@@ -195,6 +211,8 @@ def plan(args, preset: dict):
                                 expand(grid, base, seeds)))
         if hasattr(module, "check_config"):
             module.check_config(cfg)
+        for member in variants[-1].members:
+            check_hparams(name, member.hparams)
     # A preset's settings are defaults for the learners that have them (``buffer_size`` means
     # nothing to LwF); only the user's own --set keys must be used by some variant.
     unknown = [k for k, _ in (parse_assignment(t, "--set") for t in args.set) if k not in used]
@@ -279,6 +297,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "ocljax", description
         if args.resume and args.overwrite:
             raise ConfigError("--resume continues a run and --overwrite starts it over: "
                               "choose one")
+        if args.devices is not None and args.devices < 1:
+            raise ConfigError(f"--devices must be >= 1, got {args.devices}")
         if args.chunk_blocks is not None and args.chunk_blocks < 1:
             raise ConfigError(f"--chunk-blocks must be >= 1, got {args.chunk_blocks}")
         if args.keep_checkpoints < 1 or args.checkpoint_every < 0 or args.probe_per_class < 0:

@@ -45,11 +45,14 @@ def load(name: str, data_dir: str | os.PathLike | None = None, download: bool = 
     data_dir = data_dir or os.environ.get(ENV_VAR)
     if data_dir:
         path = Path(data_dir)
-        if not path.is_dir():
+        if not path.exists():
             raise DataError(f"data directory {path} does not exist")
+        if not path.is_dir():
+            raise DataError(f"data directory {path} is a file, not a directory")
         if idx.find_dir(name, path) is not None:
             return idx.load(name, path)
-        tried.append(f"no complete set of IDX files in {path} or {path / name}")
+        tried.append(f"no complete set of IDX files in {path} or {path / name}"
+                     + idx.missing_note(path, name))
     try:
         return tfds_source.load(name, os.environ.get("TFDS_DATA_DIR"), download=download)
     except DataError as err:

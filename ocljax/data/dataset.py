@@ -23,6 +23,8 @@ class Dataset(NamedTuple):
 
 def validate(ds: Dataset) -> Dataset:
     """Check shapes, dtypes and label ranges; raise ``DataError`` naming the problem."""
+    if ds.num_classes < 1:
+        raise DataError(f"{ds.name}: num_classes must be >= 1, got {ds.num_classes}")
     for split, x, y in (("train", ds.train_x, ds.train_y), ("test", ds.test_x, ds.test_y)):
         if x.ndim != 4:
             raise DataError(f"{ds.name} {split} images must be [N, H, W, C], got {x.shape}")
@@ -30,6 +32,10 @@ def validate(ds: Dataset) -> Dataset:
             raise DataError(f"{ds.name} {split}: {x.shape[0]} images but {y.shape[0]} labels")
         if x.shape[0] == 0:
             raise DataError(f"{ds.name} {split} split is empty")
+        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+            raise DataError(
+                f"{ds.name} {split} labels must be a 1-D integer array, got {y.dtype} {y.shape}"
+            )
         if y.min() < 0 or y.max() >= ds.num_classes:
             raise DataError(
                 f"{ds.name} {split} labels must lie in [0, {ds.num_classes}), "

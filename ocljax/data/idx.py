@@ -64,16 +64,30 @@ def parse(raw: bytes, name: str = "<bytes>") -> np.ndarray:
     return np.frombuffer(raw, np.uint8, offset=offset).reshape(shape)
 
 
+def published_as(digest: str) -> tuple[str, str] | None:
+    """``(dataset, file name)`` whose published sha256 is ``digest``, or ``None``."""
+    for name, sums in SHA256.items():
+        for fname, published in sums.items():
+            if published == digest:
+                return name, fname
+    return None
+
+
 def read_file(path: Path, expected_sha256: str | None) -> np.ndarray:
     """Read, verify and decode one ``.gz`` IDX file."""
-    blob = path.read_bytes()
+    try:
+        blob = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"{path}: cannot be read ({err.strerror or err})") from None
     if expected_sha256 is not None:
         digest = hashlib.sha256(blob).hexdigest()
         if digest != expected_sha256:
+            known = published_as(digest)
+            what = (f"it is {known[0]}'s {known[1]}" if known else
+                    "corrupt, truncated or a different dataset's file")
             raise DataError(
                 f"{path}: sha256 {digest[:16]}... does not match the published "
-                f"{expected_sha256[:16]}... (corrupt, truncated or a different dataset's file); "
-                "replace it with the original file"
+                f"{expected_sha256[:16]}... ({what}); replace it with the original file"
             )
     try:
         raw = gzip.decompress(blob)
@@ -88,6 +102,18 @@ def find_dir(name: str, data_dir: Path) -> Path | None:
         if all((cand / f).is_file() for f in FILES.values()):
             return cand
     return None
+
+
+def missing_note(data_dir: Path, name: str) -> str:
+    """``" (missing in DIR: ...)"`` naming the IDX files absent from DIR, the folder
+    (``data_dir/name`` or ``data_dir``) that holds the most of them; ``""`` when neither
+    holds any."""
+    best = max((data_dir / name, data_dir),
+               key=lambda d: sum((d / f).is_file() for f in FILES.values()))
+    missing = [f for f in FILES.values() if not (best / f).is_file()]
+    if len(missing) == len(FILES):
+        return ""
+    return f" (missing in {best}: {', '.join(missing)})"
 
 
 def load(name: str, data_dir: Path, verify: bool = True) -> Dataset:

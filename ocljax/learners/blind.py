@@ -40,6 +40,12 @@ class State(NamedTuple):
     pos: Array  # [] int32, next slot to write
 
 
+def check_config(cfg: Config) -> None:
+    """``ConfigError`` for a window that cannot hold a label."""
+    if cfg.window < 1:
+        raise ConfigError(f"blind window must be >= 1, got {cfg.window}")
+
+
 def init_state(window: int) -> State:
     """An empty label window."""
     if window < 1:

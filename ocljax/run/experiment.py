@@ -110,8 +110,9 @@ def run_variant(
     resumes from it and saves to it (see ``ocljax.run.driver.run``)."""
     variant = prep.variant
     seeds = [m.seed for m in variant.members]
-    n = n_devices or (None if distributed.process_count() > 1
-                      else devices_for(len(seeds), len(jax.local_devices())))
+    n = n_devices if n_devices is not None else (
+        None if distributed.process_count() > 1
+        else devices_for(len(seeds), len(jax.local_devices())))
     progress = None if quiet else Progress(variant.label, variant.stream.batch_size * len(seeds))
     log = None if quiet else (lambda msg: print(f"[{variant.label}] {msg}", flush=True))
     if distributed.process_count() > 1 and probe_per_class > 0:
@@ -307,6 +308,7 @@ class Resumable:
     def __init__(self, root: Path, fingerprint: dict, every_s: float, keep: int):
         self.root, self.every_s, self.keep = root, every_s, keep
         plan_file = root / "plan.json"
+        self.created = not plan_file.exists()  # by this run: removed if it fails before work
         if plan_file.exists():
             saved = json.loads(plan_file.read_text())
             if saved != fingerprint:
@@ -379,6 +381,9 @@ def run_experiment(
         done = Path(out) / "summary.json"
         if done.exists() and json.loads(done.read_text()).get("complete"):
             raise ConfigError(f"{out} is already complete; nothing to resume")
+        if not done.exists() and not (Path(out) / "config.json").exists():
+            raise ConfigError(f"{out} is not a run directory (no summary.json, no checkpoints "
+                              f"in {root}); nothing to resume - check the path")
     if resume and lead_out:  # temporaries of a killed run (SIGKILL leaves them behind)
         for stale in Path(out).resolve().parent.glob(f".{Path(out).name}.*"):
             if stale.is_dir() and stale != root:
@@ -428,6 +433,10 @@ def run_experiment(
                                            if saver is not None else ""), file=sys.stderr)
         elif run_dir is not None:
             run_dir.abort()
+        if (saver is not None and saver.created and not outs
+                and not isinstance(err, Interrupted) and distributed.process_index() == 0
+                and not any(p.name.isdigit() for p in saver.root.glob("variant-*/*"))):
+            shutil.rmtree(saver.root, ignore_errors=True)  # failed before any work: no trace
         raise
     config = run_config(name, dataset, ds, variants, outs, command, time.perf_counter() - t0)
     if run_dir is not None:
