@@ -44,7 +44,7 @@ from ocljax.run.checkpoint import Checkpointer, Interrupted
 from ocljax.run.evaluation import EvalPool, make_pool, per_task_accuracy
 from ocljax.streams.schedule import EVAL_CONTINUAL, EVAL_TASK_END
 from ocljax.streams.stream import Stream
-from ocljax.sweep.distributed import to_host
+from ocljax.sweep.distributed import agree, to_host
 from ocljax.types import Array, Batch, Learner
 
 AXIS = "members"
@@ -685,17 +685,6 @@ def compute_costs(learner: Learner, stream: Stream, dataset: Dataset, hp, result
         "wall_s_per_member": result.run_s / max(result.n_members, 1),
         "memory_per_member_bytes": result.extra["memory"]["per_member"],
     }
-
-
-def agree(*flags: bool) -> tuple[bool, ...]:
-    """Each flag True on every process if it is True on any (one process's SIGTERM or timer
-    must stop / checkpoint all of them at the same chunk, or their collectives would hang)."""
-    if jax.process_count() == 1:
-        return tuple(bool(f) for f in flags)
-    from jax.experimental import multihost_utils
-
-    every = multihost_utils.process_allgather(np.array(flags, np.int32))
-    return tuple(bool(v) for v in np.asarray(every).reshape(-1, len(flags)).any(0))
 
 
 class History(NamedTuple):

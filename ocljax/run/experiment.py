@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pickle
 import platform
 import shutil
@@ -339,10 +338,7 @@ class Resumable:
 
     def save_finished(self, i: int, vr: VariantResult) -> None:
         if distributed.process_index() == 0:  # results are all-gathered: the same everywhere
-            path = self.root / f"variant-{i}.done.pkl"
-            tmp = path.with_name(f".{path.name}.part")
-            tmp.write_bytes(pickle.dumps(vr.result))
-            os.replace(tmp, path)
+            results.write_atomic(self.root / f"variant-{i}.done.pkl", pickle.dumps(vr.result))
         distributed.barrier(f"ocljax-variant-{i}-saved")
 
 
@@ -453,9 +449,7 @@ def run_experiment(
     if out and multi:  # another process's rows, into the run directory process 0 wrote
         distributed.barrier("ocljax-run-directory-written")
         Path(out).mkdir(parents=True, exist_ok=True)
-        results.write_atomic(Path(out) / eval_file(),
-                             "".join(json.dumps(results.clean(r)) + "\n"
-                                     for r in eval_records(outs)))
+        results.write_atomic(Path(out) / eval_file(), results.jsonl(eval_records(outs)))
     rows = [{"variant": vr.variant.label, "hparams": m.hparams, **row}
             for vr in outs for m, row in zip(vr.variant.members, vr.rows, strict=True)]
     return {"members": rows, "groups": results.group_summary(rows)}, None

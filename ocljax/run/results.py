@@ -190,17 +190,22 @@ def summary_csv(groups: list[dict]) -> str:
     return buf.getvalue()
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and ``os.replace``."""
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write ``data`` (text or bytes) to ``path`` via a temporary file and ``os.replace``."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def jsonl(rows) -> str:
+    """``rows`` as JSON lines (JSON-safe via ``clean``)."""
+    return "".join(json.dumps(clean(r)) + "\n" for r in rows)
 
 
 class RunDirectory:
@@ -226,7 +231,7 @@ class RunDirectory:
         self.write_text(name, json.dumps(clean(obj), indent=1, sort_keys=False) + "\n")
 
     def write_jsonl(self, name: str, rows) -> None:
-        self.write_text(name, "".join(json.dumps(clean(r)) + "\n" for r in rows))
+        self.write_text(name, jsonl(rows))
 
     def write_with(self, name: str, writer: Callable[[Path], None]) -> None:
         """Let ``writer(path)`` produce a file (e.g. a plot), then move it into place."""

@@ -23,13 +23,13 @@ from __future__ import annotations
 import math
 import os
 import struct
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ocljax.errors import DataError
+from ocljax.run.results import write_atomic
 
 FILE_VERSION = "brain.Event:2"
 EVENT_FILE = "events.out.tfevents.report.ocljax"  # fixed: a new report replaces the old file
@@ -233,15 +233,7 @@ def write_scalars(
     logdir = Path(logdir)
     logdir.mkdir(parents=True, exist_ok=True)
     path = logdir / filename
-    fd, tmp = tempfile.mkstemp(dir=logdir, prefix=f".{filename}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, payload)
     return path
 
 

@@ -98,6 +98,19 @@ def owned_members(n_padded: int) -> range:
     return range(start, start + per_process)
 
 
+def agree(*flags: bool) -> tuple[bool, ...]:
+    """Each flag True on every process if it is True on any (one process's SIGTERM or timer
+    must stop / checkpoint all of them at the same chunk, or their collectives would hang)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return tuple(bool(f) for f in flags)
+    from jax.experimental import multihost_utils
+
+    every = multihost_utils.process_allgather(np.array(flags, np.int32))
+    return tuple(bool(v) for v in np.asarray(every).reshape(-1, len(flags)).any(0))
+
+
 def barrier(name: str) -> None:
     """Wait until every process reaches ``name`` (no-op with one process)."""
     import jax
