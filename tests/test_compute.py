@@ -1,6 +1,7 @@
 """Compute accounting: XLA's FLOP count of an update, steps and FLOPs per stream sample."""
 
 import dataclasses
+import types
 
 import jax.numpy as jnp
 import pytest
@@ -46,3 +47,15 @@ def test_costs_per_sample_and_replay_costs_more(tiny_ds):
                      [0], n_devices=1, cost=True)
     assert res.extra["compute"]["flops_per_step"] == c["flops_per_step"]
     assert res.extra["compute"]["steps_per_sample"] == pytest.approx(1 / 4)
+
+
+@pytest.mark.parametrize("kind", streams.KINDS)
+def test_costs_on_every_stream_kind(tiny_ds, kind):
+    """The example batch goes through the stream's own transform (a permuted stream indexes
+    its per-task permutations with the view ids: host arrays indexed by tracers failed)."""
+    module, learner = tiny_learner("finetune")
+    cfg = dataclasses.replace(CFG, kind=kind, passes=1)
+    stream = streams.build(cfg, tiny_ds, [0, 1])
+    finished = types.SimpleNamespace(run_s=1.0, n_members=2, extra={"memory": {"per_member": 1}})
+    c = driver.compute_costs(learner, stream, tiny_ds, module.HParams(), finished)
+    assert c["flops_per_step"] > 0

@@ -272,6 +272,46 @@ def test_cli_model_settings():
         model_of("--set", "width=0")
     with pytest.raises(ConfigError, match="bad value"):
         model_of("--set", "width=wide")
+    assert model_of("--set", "input_norm=standard").input_norm == "standard"
+    with pytest.raises(ConfigError, match="unknown input_norm 'zscore'"):
+        model_of("--set", "input_norm=zscore")
+
+
+def test_channel_stats_are_the_pools_pixel_mean_and_std():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(5000, 3, 3, 2), dtype=np.uint8)  # > one 4,096-image chunk
+    x[..., 1] //= 4  # channels with different statistics
+    mean, std = models.channel_stats(x)
+    flat = x.reshape(-1, 2) / 255.0
+    np.testing.assert_allclose(mean, flat.mean(0), rtol=1e-10)
+    np.testing.assert_allclose(std, flat.std(0), rtol=1e-8)
+    const = np.full((10, 2, 2, 1), 7, np.uint8)  # a constant channel: centred, std taken as 1
+    mean, std = models.channel_stats(const)
+    assert mean == pytest.approx((7 / 255,)) and std == (1.0,)
+
+
+def test_standardized_model_sees_standardized_inputs():
+    """The wrapped network gets (x / 255 - mean) / std per channel, for uint8 and for [0, 1]
+    float inputs alike (an attack's or augmentation's output), and nothing else changes."""
+    seen = []
+
+    def apply(params, state, x, train):
+        seen.append(x)
+        return x.reshape(x.shape[0], -1) @ params, x, state
+
+    inner = models.mlp(4, (8,))._replace(init=lambda key, x: (jnp.ones((8, 4)), {}),
+                                          apply=apply)
+    mean, std = (0.2, 0.5), (0.1, 0.4)
+    model = models.standardized(inner, mean, std)
+    x = np.random.default_rng(1).integers(0, 256, size=(3, 2, 2, 2), dtype=np.uint8)
+    want = (x / 255.0 - np.array(mean)) / np.array(std)
+    params, state = model.init(jax.random.PRNGKey(0), x)
+    for inputs in (x, jnp.asarray(x / 255.0, jnp.float32)):
+        logits, _, _ = model.apply(params, state, inputs, False)
+        np.testing.assert_allclose(seen[-1], want, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(logits, want.reshape(3, -1) @ np.ones((8, 4)), rtol=1e-5)
+    with pytest.raises(ValueError, match="positive std"):
+        models.standardized(inner, (0.1,), (0.0,))
 
 
 @pytest.mark.parametrize("model", ["mlp", "cnn", "resnet18"])

@@ -672,8 +672,9 @@ def compute_costs(learner: Learner, stream: Stream, dataset: Dataset, hp, result
     memory_per_member_bytes: the memory plan's bytes per member (``MemoryPlan.per_member``).
     """
     x = dataset.train_x[: stream.cfg.batch_size]
-    x = jax.eval_shape(lambda a: stream.transform(
-        jax.tree.map(lambda l: l[0], stream.aux), jnp.zeros(a.shape[:1], jnp.int32), a), x)
+    aux0 = jax.tree.map(lambda leaf: leaf[0], stream.aux)  # traced, not closed over: host
+    x = jax.eval_shape(lambda aux, a: stream.transform(  # arrays indexed by tracers fail
+        aux, jnp.zeros(a.shape[:1], jnp.int32), a), aux0, x)
     hp = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), hp)
     flops = update_flops(learner, x, hp)
     steps = int(stream.schedule.steps.valid.sum())

@@ -29,16 +29,23 @@ from ocljax.sweep import Member, devices_for, distributed
 @dataclass(frozen=True)
 class ModelConfig:
     """Static model settings: ``name`` in ``ocljax.models.MODELS``, ``width`` and ``depth``
-    (``None``: the model's own default; see ``ocljax.models.make_model``), and the matmul
-    ``precision`` (``ocljax.precision.PRECISIONS``)."""
+    (``None``: the model's own default; see ``ocljax.models.make_model``), the matmul
+    ``precision`` (``ocljax.precision.PRECISIONS``) and ``input_norm``: ``unit`` feeds the
+    network pixels in [0, 1]; ``standard`` subtracts the training pool's per-channel mean and
+    divides by its std first (``ocljax.models.standardized``; Avalanche's and Mammoth's
+    convention, e.g. MNIST 0.1307 / 0.3081)."""
 
     name: str = "mlp"
     width: int | None = None
     depth: int | None = None
     precision: str = "float32"
+    input_norm: str = "unit"
 
     def __post_init__(self):
         precision.check(self.precision)
+        if self.input_norm not in models.INPUT_NORMS:
+            raise ConfigError(f"unknown input_norm {self.input_norm!r}; choose one of "
+                              f"{', '.join(models.INPUT_NORMS)}")
         for key in ("width", "depth"):
             value = getattr(self, key)
             if value is not None and value < 1:
@@ -91,6 +98,8 @@ def prepare_variant(variant: Variant, ds: data.Dataset) -> Prepared:
     stream = streams.build(variant.stream, ds, [m.seed for m in variant.members])
     model = models.make_model(variant.model.name, ds.num_classes, variant.model.width,
                               variant.model.depth)
+    if variant.model.input_norm == "standard":
+        model = models.standardized(model, *models.channel_stats(ds.train_x))
     model = precision.cast_model(model, variant.model.precision)
     module = learners.get(variant.learner)
     learners.check_stream(variant.learner, variant.stream.task_free, variant.learner_config)
