@@ -16,7 +16,7 @@ TINY = ["--dataset", "synthetic", "--n-tasks", "2", "--set", "width=16", "--set"
 
 def test_smoke_run_writes_a_complete_run_directory(tmp_path, capsys):
     out = tmp_path / "run"
-    code = main([*TINY, "--learner", "finetune,er,finetune@iid", "--seeds", "2",
+    code = main([*TINY, "--learner", "finetune,er,finetune@iid,er@permuted", "--seeds", "2",
                  "--out", str(out)], prog="test")
     assert code == 0
     printed = capsys.readouterr().out
@@ -25,7 +25,8 @@ def test_smoke_run_writes_a_complete_run_directory(tmp_path, capsys):
                  "accuracy_matrix.png", "anytime_accuracy.png"):
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
-    assert len(summary["members"]) == 6 and len(summary["groups"]) == 3
+    assert len(summary["members"]) == 8 and len(summary["groups"]) == 4
+    assert all(m["flops_per_step"] > 0 for m in summary["members"])
     m = summary["members"][0]
     for key in ("seed", "hparams", "final_average_accuracy", "average_anytime_accuracy",
                 "forgetting", "online_accuracy", "acc_matrix"):
