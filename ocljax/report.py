@@ -55,6 +55,7 @@ from ocljax import report_data, report_html, report_plots
 from ocljax.errors import ConfigError, DataError, OCLError
 from ocljax.run import tensorboard
 from ocljax.run.results import METRICS, write_atomic
+from ocljax.units import human_bytes, human_flops, human_seconds
 
 # column -> (heading, higher is better)
 COLUMNS: dict[str, tuple[str, bool]] = {
@@ -86,38 +87,6 @@ BLIND: dict[str, str] = {"online_accuracy": "blind_online_accuracy",
                          "near_future_accuracy": "blind_near_future_accuracy"}
 # every metric a report reads from summary.json groups (the CSV's columns)
 ALL_METRICS = tuple(dict.fromkeys([*METRICS, *COLUMNS]))
-
-
-def _si(value: float, unit: str) -> str:
-    for prefix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if round(abs(value) / scale, 1) >= 1:
-            return f"{value / scale:.1f} {prefix}{unit}"
-    return f"{value:.3g} {unit}"
-
-
-def human_flops(value: float) -> str:
-    """A FLOP count with an SI prefix: ``1.2e9`` -> ``"1.2 GFLOP"``."""
-    return _si(value, "FLOP")
-
-
-def human_bytes(value: float) -> str:
-    """A byte count with a binary prefix: ``8283750`` -> ``"7.9 MiB"``."""
-    for prefix, power in (("Ti", 4), ("Gi", 3), ("Mi", 2), ("Ki", 1)):
-        if round(abs(value) / 1024 ** power, 1) >= 1:
-            return f"{value / 1024 ** power:.1f} {prefix}B"
-    return f"{value:.0f} B"
-
-
-def human_seconds(value: float) -> str:
-    """A duration: ``0.25`` -> ``"250 ms"``, ``12.34`` -> ``"12.3 s"``, ``90`` -> ``"1.5 min"``,
-    ``5400`` -> ``"1.5 h"``."""
-    if abs(value) >= 3600:
-        return f"{value / 3600:.1f} h"
-    if abs(value) >= 60:
-        return f"{value / 60:.1f} min"
-    if abs(value) >= 1:
-        return f"{value:.1f} s"
-    return f"{value * 1e3:.3g} ms"
 
 
 # compute columns: printed with a unit, never ranked

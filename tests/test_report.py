@@ -165,6 +165,7 @@ def test_compute_columns_are_human_readable_and_never_bold(tmp_path):
     assert report.human_flops(999.96e6) == "1.0 GFLOP"
     assert report.human_flops(512) == "512 FLOP"
     assert report.human_bytes(900) == "900 B" and report.human_bytes(1536) == "1.5 KiB"
+    assert report.human_bytes(3 * 2**40) == "3.0 TiB"  # the driver's memory messages use it too
     assert report.human_seconds(12.34) == "12.3 s" and report.human_seconds(90) == "1.5 min"
     assert report.human_seconds(5400) == "1.5 h"
     rows[0].stats["flops_per_sample"] = {"mean": 2e6, "std": 1e5}

@@ -46,6 +46,7 @@ from ocljax.streams.schedule import EVAL_CONTINUAL, EVAL_TASK_END
 from ocljax.streams.stream import Stream
 from ocljax.sweep.distributed import agree, to_host
 from ocljax.types import Array, Batch, Learner
+from ocljax.units import human_bytes
 
 AXIS = "members"
 
@@ -368,14 +369,6 @@ class MemoryPlan:
                 f"{self.members_per_device} member(s){limit}")
 
 
-def human_bytes(n: int) -> str:
-    """``n`` bytes as KiB / MiB / GiB with three significant digits."""
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.3g} {unit}"
-    return f"{n} B"
-
-
 def device_memory_limit(device) -> int | None:
     """Bytes one device may allocate: the allocator's limit on GPU/TPU; on CPU, the host's
     physical memory shared by all local (virtual) CPU devices."""
@@ -527,12 +520,14 @@ def _run(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chunk, 
     if not plan.fits():
         most = plan.max_members_per_device()
         hb = human_bytes
+        room = (f"at most {most * D} member(s) fit on {D} device(s) - run fewer members, "
+                "more devices, or " if most else
+                "not even one member fits (the shared data alone may be too large) - run ")
         raise ConfigError(
             f"this sweep does not fit: {M} member(s) need {hb(plan.per_device)} on each of "
             f"{D} device(s) but a device has {hb(plan.limit)} "
-            f"({hb(plan.per_member)} per member, {hb(plan.shared)} shared data); at most "
-            f"{most * D} member(s) fit on {D} device(s) - run fewer members, more devices, "
-            f"or a smaller model, buffer or evaluation batch"
+            f"({hb(plan.per_member)} per member, {hb(plan.shared)} shared data); {room}"
+            "a smaller model, buffer or evaluation batch"
         )
     pools = put_s(host_pools)
     full_pool: EvalPool = pools[2]
