@@ -332,6 +332,16 @@ def test_resume_of_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert_clean_failure(code, err, r"runs is not a run directory", tmp_path, {"runs"})
 
 
+def test_resume_of_a_path_that_does_not_exist_says_it_starts_fresh(tmp_path, capsys):
+    """The preemption watchdog resumes before any checkpoint exists, so this is not an error;
+    but a mistyped path must not pass silently for a resumed run."""
+    out = tmp_path / "new_run"
+    code, err = run_cli([*TINY, *TINY_RUN, "--resume", str(out)], capsys)
+    assert code == 0, err
+    assert re.search(r"nothing to resume at .*new_run .*starting a fresh run", err), err
+    assert json.loads((out / "summary.json").read_text())["complete"]
+
+
 def test_sweep_predicted_not_to_fit(tiny_ds):
     from conftest import tiny_learner
 

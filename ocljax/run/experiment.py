@@ -389,6 +389,11 @@ def run_experiment(
         if not done.exists() and not (Path(out) / "config.json").exists():
             raise ConfigError(f"{out} is not a run directory (no summary.json, no checkpoints "
                               f"in {root}); nothing to resume - check the path")
+    if resume and lead_out and not root.exists() and not Path(out).exists():
+        # the preemption watchdog resumes before the first checkpoint exists: start afresh,
+        # but say so (a mistyped path would otherwise look like a resumed run)
+        print(f"note: nothing to resume at {out} (no run directory, no checkpoints): "
+              "starting a fresh run there", file=sys.stderr, flush=True)
     if resume and lead_out:  # temporaries of a killed run (SIGKILL leaves them behind)
         for stale in Path(out).resolve().parent.glob(f".{Path(out).name}.*"):
             if stale.is_dir() and stale != root:
