@@ -641,7 +641,8 @@ def update_flops(learner: Learner, example_x, hp) -> float | None:
     from XLA's cost analysis of the lowered step (it is not compiled). XLA counts each
     instruction once: both branches of a ``lax.cond`` are counted and a loop body once, so for
     learners with conditional or looped work (e.g. GDumb's retraining, which runs in
-    ``prepare_eval`` and is not counted here) this is an estimate of the per-step work, not a measurement."""
+    ``prepare_eval`` and is not counted here) this is an estimate of the per-step work, not a
+    measurement."""
     key = jax.random.PRNGKey(0)
     state = jax.eval_shape(learner.init, key, example_x, hp)
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
