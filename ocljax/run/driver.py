@@ -24,6 +24,7 @@ import dataclasses
 import os
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -498,14 +499,25 @@ def _run(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chunk, 
     # Compile against the abstract state and check the memory plan before allocating. When
     # the default evaluation batch is what does not fit, shrink it (results do not depend on
     # it) before giving up.
+    # The initialisation and the initial evaluation (needed unless the run resumes) compile
+    # on a second thread while this one compiles the chunk: XLA releases the GIL, so on a
+    # multi-core host the three compilations overlap.
     abstract = jax.eval_shape(program.init, keys, hp, example_x)
     abstract = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=member_sh), abstract)
     eval_batch = chosen or default_eval_batch(Mp // D, int(np.prod(dataset.test_x.shape[1:])))
+    fresh = checkpoint is None or not checkpoint.exists()
+    background = ThreadPoolExecutor(1, thread_name_prefix="ocljax-compile") if fresh else None
+    init_job = background.submit(program.init.lower(keys, hp, example_x).compile) if fresh \
+        else None
+    eval_job = None  # (evaluation batch, future of the compiled initial evaluation)
     while True:
         host_pools = make_pools(eval_batch)
         abstract_pools = jax.tree.map(
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shared_sh), host_pools)
+        if fresh and eval_job is None:
+            eval_job = (eval_batch, background.submit(program.initial_eval.lower(
+                abstract, hp, keys, aux, abstract_pools[2]).compile))
         compiled = program.chunk.lower(*chunk_args(abstract, first, abstract_pools)).compile()
         plan = memory_plan(compiled, abstract, host_pools, Mp, D, memory_limit, mesh)
         log(plan.describe())
@@ -538,9 +550,14 @@ def _run(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chunk, 
     if checkpoint is not None:
         resumed = checkpoint.restore(partial(checkpoint_target, abstract, Mp, stream.n_tasks,
                                              layout))
+    if background is not None:
+        background.shutdown(wait=False)  # nothing more is submitted; the jobs run on
     if resumed is None:
-        state = program.init(keys, hp, example_x)
-        acc0 = program.initial_eval(state, hp, keys, aux, full_pool)
+        init = init_job.result() if init_job is not None else program.init
+        initial_eval = (eval_job[1].result() if eval_job is not None and
+                        eval_job[0] == eval_batch else program.initial_eval)
+        state = init(keys, hp, example_x)
+        acc0 = initial_eval(state, hp, keys, aux, full_pool)
         history = History.empty(Mp, stream.n_tasks)._replace(acc0=jax.tree.map(to_host, acc0))
         acc0 = history.acc0
         next_block, run_before = 0, 0.0
