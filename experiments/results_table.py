@@ -11,7 +11,8 @@ learner's docstring). Rows whose run directory is already complete are skipped, 
 interrupted reproduction resumes where it stopped. Learners that need task boundaries run with
 ``--no-task-free`` (starred in the table); GDumb evaluates at task ends only (it retrains from
 scratch at every evaluation). The page is rewritten from whatever rows exist after every row,
-with the anchor run (``experiments.agem_pmnist``) when its run directory exists.
+with the anchor runs (``experiments.agem_pmnist``, with standardised and with [0, 1] inputs)
+whose run directories exist.
 """
 
 from __future__ import annotations
@@ -32,6 +33,12 @@ LEARNERS = ("finetune", "finetune@iid", "er", "er_ace", "der", "derpp", "mir", "
             "rar", "scr", "gdumb", "icarl", "lwf", "ewc_online", "mas", "er_ncm")
 EXTRA = {"gdumb": ["--eval-every", "0"]}
 ANCHOR = "agem_pmnist"
+# the anchor's runs: (run directory under the root, heading, extra command-line settings)
+ANCHOR_RUNS = (
+    (ANCHOR, "Avalanche's protocol: inputs standardised (0.1307 / 0.3081)", ""),
+    (f"{ANCHOR}_unit", "The same run on [0, 1] inputs (the A-GEM paper's input scale)",
+     " --set input_norm=unit"),
+)
 
 NOTES = """## Notes on the numbers
 
@@ -124,11 +131,12 @@ def write_page(root: Path, page: Path) -> None:
                 cfg = json.loads((d / "config.json").read_text())
                 commands.append((bench, learner, cfg.get("wall_s"), cfg.get("versions", {})))
     parts = [HEADER, report.markdown(rows) if rows else "_No rows yet._"]
-    anchor = root / ANCHOR
-    if complete(anchor):
-        parts += ["## Anchor: A-GEM on permuted MNIST (17 tasks)",
-                  "`python -m experiments.agem_pmnist --data-dir ../shared/data "
-                  f"--out {anchor}`", report.markdown(report.load_run(anchor))]
+    anchors = [(root / d, head, extra) for d, head, extra in ANCHOR_RUNS if complete(root / d)]
+    if anchors:
+        parts.append("## Anchor: A-GEM on permuted MNIST (17 tasks)")
+    for anchor, head, extra in anchors:
+        parts += [f"### {head}", "`python -m experiments.agem_pmnist --data-dir ../shared/data "
+                  f"--out {anchor}{extra}`", report.markdown(report.load_run(anchor))]
     parts.append(NOTES)
     if commands:
         lines = ["## Commands", "", "Each adds `--data-dir ../shared/data`; starred rows add "
