@@ -35,9 +35,11 @@ EXTRA = {"gdumb": ["--eval-every", "0"]}
 ANCHOR = "agem_pmnist"
 # the anchor's runs: (run directory under the root, heading, extra command-line settings)
 ANCHOR_RUNS = (
-    (ANCHOR, "Avalanche's protocol: inputs standardised (0.1307 / 0.3081)", ""),
-    (f"{ANCHOR}_unit", "The same run on [0, 1] inputs (the A-GEM paper's input scale)",
-     " --set input_norm=unit"),
+    (ANCHOR, "Avalanche's protocol: inputs standardised (0.1307 / 0.3081), PyTorch's "
+     "initialisation", ""),
+    (f"{ANCHOR}_flaxinit", "The same with Flax's initialisation", " --set init=flax"),
+    (f"{ANCHOR}_unit", "Flax's initialisation on [0, 1] inputs (the A-GEM paper's input scale)",
+     " --set init=flax --set input_norm=unit"),
 )
 
 NOTES = """## Notes on the numbers

@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 from ocljax.errors import ConfigError
-from ocljax.models.adapter import INPUT_NORMS, channel_stats, from_linen, standardized, to_float
+from ocljax.models.adapter import (
+    INITS,
+    INPUT_NORMS,
+    channel_stats,
+    from_linen,
+    standardized,
+    to_float,
+    torch_initialised,
+)
 from ocljax.models.cnn import small_cnn
 from ocljax.models.mlp import mlp
 from ocljax.models.resnet import reduced_resnet18
@@ -40,5 +48,5 @@ def make_model(
     raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
 
 
-__all__ = ["INPUT_NORMS", "MODELS", "channel_stats", "from_linen", "make_model", "mlp",
-           "reduced_resnet18", "small_cnn", "standardized", "to_float"]
+__all__ = ["INITS", "INPUT_NORMS", "MODELS", "channel_stats", "from_linen", "make_model", "mlp",
+           "reduced_resnet18", "small_cnn", "standardized", "to_float", "torch_initialised"]

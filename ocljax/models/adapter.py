@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from ocljax.types import Array, Model
@@ -17,6 +19,50 @@ def to_float(x: Array) -> Array:
 
 
 INPUT_NORMS = ("unit", "standard")
+INITS = ("flax", "torch")
+
+
+def torch_initialised(model: Model) -> Model:
+    """``model`` whose dense and convolution layers start as PyTorch's do: every ``kernel``
+    (fan-in = the product of all but its last dimension) and its sibling ``bias`` drawn
+    uniformly from ``[-1/sqrt(fan_in), 1/sqrt(fan_in)]`` (``nn.Linear`` / ``nn.Conv2d``'s
+    default, Kaiming-uniform with ``a = sqrt(5)``), instead of Flax's LeCun-normal kernels
+    (sqrt(3) times the standard deviation) and zero biases. For parity with runs of Avalanche
+    and Mammoth, whose published numbers use PyTorch's default. Other parameters (BatchNorm
+    scale and bias) are kept; each layer draws from its own key, split in tree order."""
+
+    def init(key, x):
+        params, state = model.init(key, x)
+        layers = []
+
+        def collect(tree):
+            if isinstance(tree, dict):
+                if "kernel" in tree:
+                    layers.append(tree)
+                for value in tree.values():
+                    collect(value)
+
+        collect(params)
+        keys = iter(jax.random.split(jax.random.fold_in(key, 0x70C4), max(len(layers), 1)))
+
+        def redraw(tree):
+            if not isinstance(tree, dict):
+                return tree
+            out = {name: redraw(value) for name, value in tree.items()}
+            if "kernel" in tree:
+                kernel = tree["kernel"]
+                bound = 1.0 / float(np.sqrt(np.prod(kernel.shape[:-1])))
+                k_kernel, k_bias = jax.random.split(next(keys))
+                out["kernel"] = jax.random.uniform(k_kernel, kernel.shape, kernel.dtype,
+                                                   -bound, bound)
+                if "bias" in tree:
+                    bias = tree["bias"]
+                    out["bias"] = jax.random.uniform(k_bias, bias.shape, bias.dtype, -bound, bound)
+            return out
+
+        return redraw(params), state
+
+    return model._replace(init=init)
 
 
 def channel_stats(x) -> tuple[tuple[float, ...], tuple[float, ...]]:

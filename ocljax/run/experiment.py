@@ -33,19 +33,25 @@ class ModelConfig:
     ``precision`` (``ocljax.precision.PRECISIONS``) and ``input_norm``: ``unit`` feeds the
     network pixels in [0, 1]; ``standard`` subtracts the training pool's per-channel mean and
     divides by its std first (``ocljax.models.standardized``; Avalanche's and Mammoth's
-    convention, e.g. MNIST 0.1307 / 0.3081)."""
+    convention, e.g. MNIST 0.1307 / 0.3081); ``init``: ``flax`` (LeCun-normal kernels, zero
+    biases) or ``torch`` (PyTorch's default uniform kernels and biases,
+    ``ocljax.models.torch_initialised``), for parity with PyTorch libraries' numbers."""
 
     name: str = "mlp"
     width: int | None = None
     depth: int | None = None
     precision: str = "float32"
     input_norm: str = "unit"
+    init: str = "flax"
 
     def __post_init__(self):
         precision.check(self.precision)
         if self.input_norm not in models.INPUT_NORMS:
             raise ConfigError(f"unknown input_norm {self.input_norm!r}; choose one of "
                               f"{', '.join(models.INPUT_NORMS)}")
+        if self.init not in models.INITS:
+            raise ConfigError(f"unknown init {self.init!r}; choose one of "
+                              f"{', '.join(models.INITS)}")
         for key in ("width", "depth"):
             value = getattr(self, key)
             if value is not None and value < 1:
@@ -98,6 +104,8 @@ def prepare_variant(variant: Variant, ds: data.Dataset) -> Prepared:
     stream = streams.build(variant.stream, ds, [m.seed for m in variant.members])
     model = models.make_model(variant.model.name, ds.num_classes, variant.model.width,
                               variant.model.depth)
+    if variant.model.init == "torch":
+        model = models.torch_initialised(model)
     if variant.model.input_norm == "standard":
         model = models.standardized(model, *models.channel_stats(ds.train_x))
     model = precision.cast_model(model, variant.model.precision)
