@@ -6,6 +6,7 @@ Flax initialisers are slow to compile on a CPU, so these tests take shapes from
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -275,6 +276,40 @@ def test_cli_model_settings():
     assert model_of("--set", "input_norm=standard").input_norm == "standard"
     with pytest.raises(ConfigError, match="unknown input_norm 'zscore'"):
         model_of("--set", "input_norm=zscore")
+    assert model_of("--set", "init=torch").init == "torch"
+    with pytest.raises(ConfigError, match="unknown init 'xavier'"):
+        model_of("--set", "init=xavier")
+
+
+def test_torch_initialisation_is_pytorchs_uniform_default():
+    """Every kernel and its bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (fan-in over all but the
+    last kernel dimension, so kh * kw * C_in for a convolution); BatchNorm parameters are kept;
+    the same key gives the same draw and another key another."""
+    x = np.zeros((2, 8, 8, 1), np.uint8)
+    model = models.torch_initialised(models.small_cnn(10, channels=8, width=32,
+                                                      batch_norm=True))
+    params, state = model.init(jax.random.PRNGKey(0), x)
+    plain, plain_state = models.small_cnn(10, channels=8, width=32, batch_norm=True).init(
+        jax.random.PRNGKey(0), x)
+    layers = [p for p in jax.tree.leaves(
+        params, is_leaf=lambda t: isinstance(t, dict) and "kernel" in t) if isinstance(p, dict)]
+    assert len(layers) == 4  # two convolutions, two dense layers
+    for layer in layers:
+        kernel = np.asarray(layer["kernel"])
+        bound = 1 / np.sqrt(np.prod(kernel.shape[:-1]))
+        assert np.abs(kernel).max() <= bound and np.abs(kernel).max() > 0.9 * bound
+        assert abs(kernel.std() - bound / np.sqrt(3)) < 0.15 * bound / np.sqrt(3)
+        if "bias" in layer:
+            bias = np.asarray(layer["bias"])
+            assert np.abs(bias).max() <= bound and np.abs(bias).std() > 0
+    for name in params:
+        if name.startswith("BatchNorm"):
+            chex.assert_trees_all_equal(params[name], plain[name])
+    chex.assert_trees_all_equal(state, plain_state)
+    again, _ = model.init(jax.random.PRNGKey(0), x)
+    other, _ = model.init(jax.random.PRNGKey(1), x)
+    chex.assert_trees_all_equal(again, params)
+    assert not np.allclose(other["Dense_0"]["kernel"], params["Dense_0"]["kernel"])
 
 
 def test_channel_stats_are_the_pools_pixel_mean_and_std():
