@@ -314,7 +314,7 @@ def test_torch_initialisation_is_pytorchs_uniform_default():
 
 def test_channel_stats_are_the_pools_pixel_mean_and_std():
     rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, size=(5000, 3, 3, 2), dtype=np.uint8)  # > one 4,096-image chunk
+    x = rng.integers(0, 256, size=(5000, 30, 30, 2), dtype=np.uint8)  # several chunks
     x[..., 1] //= 4  # channels with different statistics
     mean, std = models.channel_stats(x)
     flat = x.reshape(-1, 2) / 255.0
@@ -347,6 +347,22 @@ def test_standardized_model_sees_standardized_inputs():
         np.testing.assert_allclose(logits, want.reshape(3, -1) @ np.ones((8, 4)), rtol=1e-5)
     with pytest.raises(ValueError, match="positive std"):
         models.standardized(inner, (0.1,), (0.0,))
+    from ocljax import precision  # bf16 (as experiments stack them): standardised in float32,
+    # then cast, so the pixels are not rounded to bf16 first
+
+    models.standardized(precision.cast_model(inner, "bf16"), mean, std).apply(
+        params, state, x, False)
+    assert seen[-1].dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(seen[-1], np.float32),
+                               np.asarray(jnp.asarray(want, jnp.bfloat16), np.float32))
+
+
+def test_runs_checkpointed_before_the_new_model_settings_still_resume():
+    from ocljax.run.experiment import ModelConfig, model_fingerprint
+
+    old = {"name": "mlp", "width": None, "depth": None, "precision": "float32"}
+    assert model_fingerprint(ModelConfig()) == old
+    assert model_fingerprint(ModelConfig(init="torch")) == {**old, "init": "torch"}
 
 
 @pytest.mark.parametrize("model", ["mlp", "cnn", "resnet18"])

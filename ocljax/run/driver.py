@@ -511,36 +511,43 @@ def _run(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chunk, 
     init_job = background.submit(program.init.lower(keys, hp, example_x).compile) if fresh \
         else None
     eval_job = None  # (evaluation batch, future of the compiled initial evaluation)
-    while True:
-        host_pools = make_pools(eval_batch)
-        abstract_pools = jax.tree.map(
-            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shared_sh), host_pools)
-        if fresh and eval_job is None:
-            eval_job = (eval_batch, background.submit(program.initial_eval.lower(
-                abstract, hp, keys, aux, abstract_pools[2]).compile))
-        compiled = program.chunk.lower(*chunk_args(abstract, first, abstract_pools)).compile()
-        plan = memory_plan(compiled, abstract, host_pools, Mp, D, memory_limit, mesh)
-        log(plan.describe())
-        if plan.fits() or chosen or eval_batch <= MIN_EVAL_BATCH:
-            break
-        eval_batch = max(MIN_EVAL_BATCH, eval_batch // 4)
-        log(f"memory: retrying with evaluation batches of {eval_batch} test samples")
-    if os.environ.get("OCLJAX_DUMP_HLO"):  # diagnostics: the optimized chunk program
-        dump = Path(os.environ["OCLJAX_DUMP_HLO"])
-        dump.mkdir(parents=True, exist_ok=True)
-        (dump / f"chunk_m{M}_d{D}.hlo.txt").write_text(compiled.as_text())
-    if not plan.fits():
-        most = plan.max_members_per_device()
-        hb = human_bytes
-        room = (f"at most {most * D} member(s) fit on {D} device(s) - run fewer members, "
-                "more devices, or " if most else
-                "not even one member fits (the shared data alone may be too large) - run ")
-        raise ConfigError(
-            f"this sweep does not fit: {M} member(s) need {hb(plan.per_device)} on each of "
-            f"{D} device(s) but a device has {hb(plan.limit)} "
-            f"({hb(plan.per_member)} per member, {hb(plan.shared)} shared data); {room}"
-            "a smaller model, buffer or evaluation batch"
-        )
+    try:
+        while True:
+            host_pools = make_pools(eval_batch)
+            abstract_pools = jax.tree.map(
+                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shared_sh), host_pools)
+            if fresh and (eval_job is None or eval_job[0] != eval_batch):
+                if eval_job is not None:
+                    eval_job[1].cancel()  # for a batch that did not fit; a no-op once started
+                eval_job = (eval_batch, background.submit(program.initial_eval.lower(
+                    abstract, hp, keys, aux, abstract_pools[2]).compile))
+            compiled = program.chunk.lower(*chunk_args(abstract, first, abstract_pools)).compile()
+            plan = memory_plan(compiled, abstract, host_pools, Mp, D, memory_limit, mesh)
+            log(plan.describe())
+            if plan.fits() or chosen or eval_batch <= MIN_EVAL_BATCH:
+                break
+            eval_batch = max(MIN_EVAL_BATCH, eval_batch // 4)
+            log(f"memory: retrying with evaluation batches of {eval_batch} test samples")
+        if os.environ.get("OCLJAX_DUMP_HLO"):  # diagnostics: the optimized chunk program
+            dump = Path(os.environ["OCLJAX_DUMP_HLO"])
+            dump.mkdir(parents=True, exist_ok=True)
+            (dump / f"chunk_m{M}_d{D}.hlo.txt").write_text(compiled.as_text())
+        if not plan.fits():
+            most = plan.max_members_per_device()
+            hb = human_bytes
+            room = (f"at most {most * D} member(s) fit on {D} device(s) - run fewer members, "
+                    "more devices, or " if most else
+                    "not even one member fits (the shared data alone may be too large) - run ")
+            raise ConfigError(
+                f"this sweep does not fit: {M} member(s) need {hb(plan.per_device)} on each of "
+                f"{D} device(s) but a device has {hb(plan.limit)} "
+                f"({hb(plan.per_member)} per member, {hb(plan.shared)} shared data); {room}"
+                "a smaller model, buffer or evaluation batch"
+            )
+    except BaseException:  # no compile left queued behind a failure
+        if background is not None:
+            background.shutdown(wait=False, cancel_futures=True)
+        raise
     pools = put_s(host_pools)
     full_pool: EvalPool = pools[2]
     sched = stream.schedule
@@ -672,7 +679,9 @@ def update_flops(learner: Learner, example_x, hp) -> float | None:
     # the lowered (unoptimised) program's analysis: within 1% of the compiled one's for the
     # matmul-bound updates, and it costs ~0.1 s where compiling the update cost 1-40 s
     # (MIR, SCR) per variant; it counts what XLA would eliminate as dead (GDumb's 1 MFLOP)
-    return xla_flops(jax.jit(learner.update).lower(state, batch, hp, key))
+    lowered = jax.jit(learner.update).lower(state, batch, hp, key)
+    flops = xla_flops(lowered)  # None where the backend (PJRT C API: GPU, TPU) lacks it
+    return flops if flops is not None else xla_flops(lowered.compile())
 
 
 def compute_costs(learner: Learner, stream: Stream, dataset: Dataset, hp, result) -> dict:

@@ -106,9 +106,9 @@ def prepare_variant(variant: Variant, ds: data.Dataset) -> Prepared:
                               variant.model.depth)
     if variant.model.init == "torch":
         model = models.torch_initialised(model)
-    if variant.model.input_norm == "standard":
-        model = models.standardized(model, *models.channel_stats(ds.train_x))
     model = precision.cast_model(model, variant.model.precision)
+    if variant.model.input_norm == "standard":  # outermost: standardised in float32, then
+        model = models.standardized(model, *models.channel_stats(ds.train_x))  # cast
     module = learners.get(variant.learner)
     learners.check_stream(variant.learner, variant.stream.task_free, variant.learner_config)
     learner = module.make(model, variant.learner_config)
@@ -303,6 +303,20 @@ def checkpoint_root(out: str | Path) -> Path:
     return out.parent / f".{out.name}.ckpt"
 
 
+# model settings added after checkpoints existed: left out of the fingerprint at their default,
+# so a run interrupted before they existed still resumes
+LATER_MODEL_FIELDS = ("input_norm", "init")
+
+
+def model_fingerprint(model: ModelConfig) -> dict:
+    """The model settings a resumed run must match (see ``LATER_MODEL_FIELDS``)."""
+    out = dataclasses.asdict(model)
+    for key in LATER_MODEL_FIELDS:
+        if out[key] == ModelConfig.__dataclass_fields__[key].default:
+            del out[key]
+    return out
+
+
 def plan_fingerprint(name: str, dataset: str, variants: list[Variant],
                      blocks_per_chunk: int | None) -> dict:
     """Every setting that decides a run's numbers; a resumed run must match it exactly."""
@@ -311,7 +325,7 @@ def plan_fingerprint(name: str, dataset: str, variants: list[Variant],
         "variants": [{
             "label": v.label, "learner": v.learner, "stream": dataclasses.asdict(v.stream),
             "learner_config": dataclasses.asdict(v.learner_config),
-            "model": dataclasses.asdict(v.model),
+            "model": model_fingerprint(v.model),
             "members": [{"seed": m.seed, "hparams": m.hparams} for m in v.members],
         } for v in variants],
     })
