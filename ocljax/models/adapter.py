@@ -96,8 +96,10 @@ def standardized(model: Model, mean, std) -> Model:
         raise ValueError(f"standardized: need one positive std per mean, got {mean}, {std}")
 
     def scale(x):
-        x = to_float(x)  # float32 arithmetic, then back to the input's dtype (bf16 under
-        z = (x.astype(jnp.float32) - jnp.asarray(mean)) / jnp.asarray(std)  # cast_model)
+        # in float32 whatever the input's dtype (a bfloat16 input is not standardised in
+        # bfloat16), then back to that dtype
+        x = to_float(x)
+        z = (x.astype(jnp.float32) - jnp.asarray(mean)) / jnp.asarray(std)
         return z.astype(x.dtype)
 
     def init(key, x):

@@ -698,8 +698,10 @@ def compute_costs(learner: Learner, stream: Stream, dataset: Dataset, hp, result
     memory_per_member_bytes: the memory plan's bytes per member (``MemoryPlan.per_member``).
     """
     x = dataset.train_x[: stream.cfg.batch_size]
-    aux0 = jax.tree.map(lambda leaf: leaf[0], stream.aux)  # traced, not closed over: host
-    x = jax.eval_shape(lambda aux, a: stream.transform(  # arrays indexed by tracers fail
+    # the first member's aux is an argument, not a closure: closed-over host arrays indexed by
+    # a tracer (a permuted stream's permutations) fail
+    aux0 = jax.tree.map(lambda leaf: leaf[0], stream.aux)
+    x = jax.eval_shape(lambda aux, a: stream.transform(
         aux, jnp.zeros(a.shape[:1], jnp.int32), a), aux0, x)
     hp = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), hp)
     flops = update_flops(learner, x, hp)

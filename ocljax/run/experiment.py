@@ -46,12 +46,10 @@ class ModelConfig:
 
     def __post_init__(self):
         precision.check(self.precision)
-        if self.input_norm not in models.INPUT_NORMS:
-            raise ConfigError(f"unknown input_norm {self.input_norm!r}; choose one of "
-                              f"{', '.join(models.INPUT_NORMS)}")
-        if self.init not in models.INITS:
-            raise ConfigError(f"unknown init {self.init!r}; choose one of "
-                              f"{', '.join(models.INITS)}")
+        for key, known in (("input_norm", models.INPUT_NORMS), ("init", models.INITS)):
+            if getattr(self, key) not in known:
+                raise ConfigError(f"unknown {key} {getattr(self, key)!r}; choose one of "
+                                  f"{', '.join(known)}")
         for key in ("width", "depth"):
             value = getattr(self, key)
             if value is not None and value < 1:
@@ -107,8 +105,9 @@ def prepare_variant(variant: Variant, ds: data.Dataset) -> Prepared:
     if variant.model.init == "torch":
         model = models.torch_initialised(model)
     model = precision.cast_model(model, variant.model.precision)
-    if variant.model.input_norm == "standard":  # outermost: standardised in float32, then
-        model = models.standardized(model, *models.channel_stats(ds.train_x))  # cast
+    # outermost, so pixels are standardised in float32 before a bf16 cast, not after it
+    if variant.model.input_norm == "standard":
+        model = models.standardized(model, *models.channel_stats(ds.train_x))
     module = learners.get(variant.learner)
     learners.check_stream(variant.learner, variant.stream.task_free, variant.learner_config)
     learner = module.make(model, variant.learner_config)
