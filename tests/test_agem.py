@@ -165,6 +165,42 @@ def test_per_task_reference_rows_cycle_through_a_task_region():
     np.testing.assert_array_equal(np.concatenate(seen), [0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3])
 
 
+def test_per_task_random_draw_is_uniform_with_replacement_per_task():
+    cfg = agem.Config(memory="per_task", patterns_per_task=5, max_tasks=3, mem_batch=8,
+                      ref_draw="random")
+    rows = jnp.array([5, 3, 0], jnp.int32)  # task 1 stored only 3 rows
+    draw = jax.jit(lambda k: agem.task_random_indices(cfg, jnp.asarray(2), rows, k))
+    idx = np.stack([np.asarray(draw(jax.random.PRNGKey(i))[0]) for i in range(400)])
+    mask = np.asarray(draw(jax.random.PRNGKey(0))[1])
+    # 8 // 2 = 4 rows of each completed task, all used; task 0's from [0, 5), task 1's [5, 8)
+    assert mask.all()
+    assert ((idx[:, :4] >= 0) & (idx[:, :4] < 5)).all()
+    assert ((idx[:, 4:] >= 5) & (idx[:, 4:] < 8)).all()
+    # uniform over each region (400 x 4 draws; a cyclic reader would give exact counts and a
+    # draw without replacement no repeats within a batch)
+    counts = np.bincount(idx[:, :4].ravel(), minlength=5)
+    assert counts.min() > 0.8 * 320 and counts.max() < 1.2 * 320, counts
+    assert any(len(set(row[:4])) < 4 for row in idx), "never a repeat: not with replacement"
+    # with one completed task and mem_batch // 1 = 8 > 5 stored rows, all 8 draws are used
+    one = agem.task_random_indices(cfg, jnp.asarray(1), rows, jax.random.PRNGKey(1))
+    assert np.asarray(one[1]).all() and (np.asarray(one[0]) < 5).all()
+    # nothing completed: nothing used
+    assert not np.asarray(agem.task_random_indices(cfg, jnp.asarray(0), rows,
+                                                   jax.random.PRNGKey(1))[1]).any()
+
+
+def test_per_task_random_draw_trains_in_a_scan():
+    cfg = agem.Config(memory="per_task", patterns_per_task=P, max_tasks=T, mem_batch=8,
+                      ref_draw="random")
+    learner = agem.make(MODEL, cfg)
+    bs, hp, key = batches(), agem.HParams(), jax.random.PRNGKey(2)
+    s_loop, l_loop = run_loop(learner, hp, key, bs)
+    s_scan, l_scan = run_scan(learner, hp, key, bs)
+    np.testing.assert_allclose(l_loop, l_scan, rtol=1e-5, atol=1e-6)
+    cyclic_state, _ = run_scan(agem.make(MODEL, PER_TASK), hp, key, bs)
+    assert not np.allclose(flat(s_scan.net.params), flat(cyclic_state.net.params))
+
+
 def test_per_task_mode_scans_and_needs_boundaries():
     learner = agem.make(MODEL, PER_TASK)
     bs, hp, key = batches(), agem.HParams(), jax.random.PRNGKey(2)
@@ -181,5 +217,7 @@ def test_per_task_mode_scans_and_needs_boundaries():
 def test_impossible_configs_are_refused():
     with pytest.raises(ConfigError):
         agem.make(MODEL, agem.Config(memory="ring"))
+    with pytest.raises(ConfigError, match="ref_draw"):
+        agem.make(MODEL, agem.Config(memory="per_task", ref_draw="shuffled"))
     with pytest.raises(ConfigError, match="max_tasks"):
         agem.make(MODEL, agem.Config(memory="per_task", mem_batch=4, max_tasks=10))

@@ -32,6 +32,11 @@ Memory modes (``Config.memory``):
     (its loader has no shuffling; the region's order is itself random), restarting at each
     boundary where Avalanche rebuilds the loader. Deviation: when ``mem_batch // n`` does not
     divide a region, reading wraps around the region's end instead of emitting a short batch.
+    ``Config.ref_draw="random"`` draws instead ``mem_batch // n`` rows of each completed task
+    uniformly *with replacement* (the loader of Avalanche 0.1, late 2021, whose per-group
+    ``RandomSampler(replacement=True)`` was removed in 2022; its reference run of 0.81 dates
+    from then). The two differ most with few tasks: with one completed task the cyclic draw
+    reads the whole region, an exact memory gradient, and the random one a noisy estimate.
 
 Unused reference rows (the remainder of ``mem_batch``) are masked out of the loss; they are
 duplicates of used rows, so BatchNorm batch statistics remain those of memory data. As in
@@ -68,6 +73,7 @@ from ocljax.memory import reservoir
 from ocljax.types import Array, Batch, Learner, Model, PyTree, identity_prepare_eval
 
 MEMORIES = ("reservoir", "per_task")
+REF_DRAWS = ("cyclic", "random")
 TASK_FREE_HINT = "use A-GEM's task-free memory with --set memory=reservoir"
 
 
@@ -78,6 +84,7 @@ class Config:
     mem_batch: int = 256  # rows in the reference batch
     patterns_per_task: int = 250  # per_task mode: rows kept per completed task
     max_tasks: int = 20  # per_task mode: tasks kept
+    ref_draw: str = "cyclic"  # per_task mode: "cyclic" (Avalanche >= 0.3) or "random" (0.1)
     optimizer: str = "sgd"
 
 
@@ -114,6 +121,9 @@ def check_config(cfg: Config) -> None:
     if cfg.memory not in MEMORIES:
         raise ConfigError(f"A-GEM memory must be one of {', '.join(MEMORIES)}, got "
                           f"{cfg.memory!r}")
+    if cfg.ref_draw not in REF_DRAWS:
+        raise ConfigError(f"A-GEM ref_draw must be one of {', '.join(REF_DRAWS)}, got "
+                          f"{cfg.ref_draw!r}")
     if cfg.mem_batch < 1:
         raise ConfigError(f"mem_batch must be >= 1, got {cfg.mem_batch}")
     if cfg.memory == "reservoir" and cfg.buffer_size < 1:
@@ -199,9 +209,26 @@ def task_balanced_indices(cfg: Config, n_tasks, task_rows, ref_step) -> tuple[Ar
     return t * P + (start + o) % rows, used
 
 
+def task_random_indices(cfg: Config, n_tasks, task_rows, key) -> tuple[Array, Array]:
+    """Per-task mode, ``ref_draw="random"``: ``mem_batch // n_tasks`` rows of each completed
+    task's region drawn uniformly with replacement (Avalanche 0.1's group-balanced loader),
+    and their mask [mem_batch]. Masked rows (the remainder) repeat used ones."""
+    n, P = cfg.mem_batch, cfg.patterns_per_task
+    done = jnp.maximum(n_tasks, 1)
+    per = n // done
+    j = jnp.arange(n)
+    t = j // per
+    used = t < n_tasks
+    t = jnp.where(used, t, j % done)
+    rows = jnp.maximum(task_rows[t], 1)
+    return t * P + jax.random.randint(key, (n,), 0, rows), used
+
+
 def reference_rows(cfg: Config, state: State, key) -> tuple[PyTree, Array]:
     """The reference batch ``{"x", "y"}`` [n, ...] and its mask [n] for ``state``'s memory."""
-    if cfg.memory == "per_task":
+    if cfg.memory == "per_task" and cfg.ref_draw == "random":
+        idx, mask = task_random_indices(cfg, state.n_tasks, state.task_rows, key)
+    elif cfg.memory == "per_task":
         idx, mask = task_balanced_indices(cfg, state.n_tasks, state.task_rows, state.ref_step)
     else:
         cap = capacity(cfg)
