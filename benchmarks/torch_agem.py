@@ -15,9 +15,9 @@ default initialisation; SGD lr 0.1; inputs standardised (0.1307 / 0.3081); after
 uniformly random patterns of it join the memory; before each step the gradient of the loss on
 a reference batch of ``256 // n`` patterns of each of the ``n`` stored tasks; the stream
 gradient is projected when it conflicts with it. ``--ref-draw random`` draws each task's rows
-uniformly with replacement (Avalanche 0.1, 2021, when the 0.81 was produced); ``cyclic`` reads
-each task's rows in order, cyclically (Avalanche >= 0.3). Final accuracy: the mean over the 17
-tasks' permuted test sets after the last task.
+uniformly with replacement (Avalanche 0.1-0.3, the versions that produced and confirmed the
+0.81); ``cyclic`` reads each task's rows in order, cyclically (Avalanche >= 0.4). Final
+accuracy: the mean over the 17 tasks' permuted test sets after the last task.
 """
 
 from __future__ import annotations

@@ -32,11 +32,12 @@ Memory modes (``Config.memory``):
     (its loader has no shuffling; the region's order is itself random), restarting at each
     boundary where Avalanche rebuilds the loader. Deviation: when ``mem_batch // n`` does not
     divide a region, reading wraps around the region's end instead of emitting a short batch.
-    ``Config.ref_draw="random"`` draws instead ``mem_batch // n`` rows of each completed task
-    uniformly *with replacement* (the loader of Avalanche 0.1, late 2021, whose per-group
-    ``RandomSampler(replacement=True)`` was removed in 2022; its reference run of 0.81 dates
-    from then). The two differ most with few tasks: with one completed task the cyclic draw
-    reads the whole region, an exact memory gradient, and the random one a noisy estimate.
+    This cyclic loader is Avalanche's since 0.4 (2023). ``Config.ref_draw="random"`` draws
+    instead ``mem_batch // n`` rows of each completed task uniformly *with replacement*: the
+    per-group ``RandomSampler(replacement=True)`` of Avalanche 0.1 to 0.3, the versions of its
+    reference runs (the 0.81 target was set in October 2021 and confirmed in December 2022).
+    The two differ most with few tasks: with one completed task the cyclic draw reads the
+    whole region, an exact memory gradient, and the random one a noisy estimate.
 
 Unused reference rows (the remainder of ``mem_batch``) are masked out of the loss; they are
 duplicates of used rows, so BatchNorm batch statistics remain those of memory data. As in
@@ -84,7 +85,7 @@ class Config:
     mem_batch: int = 256  # rows in the reference batch
     patterns_per_task: int = 250  # per_task mode: rows kept per completed task
     max_tasks: int = 20  # per_task mode: tasks kept
-    ref_draw: str = "cyclic"  # per_task mode: "cyclic" (Avalanche >= 0.3) or "random" (0.1)
+    ref_draw: str = "cyclic"  # per_task mode: "cyclic" (Avalanche >= 0.4) or "random" (0.1-0.3)
     optimizer: str = "sgd"
 
 
@@ -211,7 +212,7 @@ def task_balanced_indices(cfg: Config, n_tasks, task_rows, ref_step) -> tuple[Ar
 
 def task_random_indices(cfg: Config, n_tasks, task_rows, key) -> tuple[Array, Array]:
     """Per-task mode, ``ref_draw="random"``: ``mem_batch // n_tasks`` rows of each completed
-    task's region drawn uniformly with replacement (Avalanche 0.1's group-balanced loader),
+    task's region drawn uniformly with replacement (Avalanche 0.1-0.3's group-balanced loader),
     and their mask [mem_batch]. Masked rows (the remainder) repeat used ones."""
     n, P = cfg.mem_batch, cfg.patterns_per_task
     done = jnp.maximum(n_tasks, 1)
