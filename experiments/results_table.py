@@ -34,23 +34,28 @@ LEARNERS = ("finetune", "finetune@iid", "er", "er_ace", "der", "derpp", "mir", "
 EXTRA = {"gdumb": ["--eval-every", "0"]}
 ANCHOR = "agem_pmnist"
 # the anchor's run directories under the root: the preset's settings, then two variations
-ANCHOR_RUNS = (ANCHOR, f"{ANCHOR}_flaxinit", f"{ANCHOR}_unit")
-PRESET_MODEL = {"input_norm": "standard", "init": "torch"}  # experiments.agem_pmnist's
+ANCHOR_RUNS = (ANCHOR, f"{ANCHOR}_cyclic", f"{ANCHOR}_flaxinit", f"{ANCHOR}_unit")
+# experiments.agem_pmnist's settings; a run made before a setting existed has its default
+PRESET = {"input_norm": "standard", "init": "torch", "ref_draw": "random"}
+DEFAULTS = {"input_norm": "unit", "init": "flax", "ref_draw": "cyclic"}
 
 
 def anchor_heading(run: Path) -> tuple[str, str]:
     """(heading, extra command-line settings) of an anchor run, from its own config.json (a
     run made before a setting existed has that setting's default)."""
-    model = json.loads((run / "config.json").read_text())["variants"][0]["model"]
-    norm, init = model.get("input_norm", "unit"), model.get("init", "flax")
-    heading = (("inputs standardised (0.1307 / 0.3081)" if norm == "standard" else
-                "[0, 1] inputs") + (", PyTorch's initialisation" if init == "torch" else
-                                    ", Flax's initialisation"))
-    if norm == PRESET_MODEL["input_norm"] and init == PRESET_MODEL["init"]:
+    variant = json.loads((run / "config.json").read_text())["variants"][0]
+    given = {**variant["model"], **variant["learner_config"]}
+    got = {key: given.get(key, default) for key, default in DEFAULTS.items()}
+    parts = ["inputs standardised (0.1307 / 0.3081)" if got["input_norm"] == "standard" else
+             "[0, 1] inputs",
+             "PyTorch's initialisation" if got["init"] == "torch" else "Flax's initialisation",
+             "reference rows drawn with replacement" if got["ref_draw"] == "random" else
+             "reference rows read cyclically"]
+    heading = ", ".join(parts)
+    if got == PRESET:
         heading = "Avalanche's protocol: " + heading
-    extra = "".join(f" --set {key}={value}" for key, value in (("init", init),
-                                                                ("input_norm", norm))
-                    if value != PRESET_MODEL[key])
+    extra = "".join(f" --set {key}={value}" for key, value in got.items()
+                    if value != PRESET[key])
     return heading[0].upper() + heading[1:], extra
 
 
