@@ -13,6 +13,7 @@ import pytest
 from conftest import tiny_learner
 
 from ocljax import streams
+from ocljax.errors import ConfigError
 from ocljax.run import driver
 from ocljax.types import Learner, identity_prepare_eval
 
@@ -55,6 +56,33 @@ def test_grid_over_traced_hparams_is_one_program(tiny_ds):
     # lr = 0 never learns: accuracy stays at the initial evaluation's
     np.testing.assert_allclose(res.acc[0, -1], res.acc[0, 0])
     assert not np.allclose(res.acc[1], res.acc[2])
+
+
+def test_compile_mode_policy():
+    fast = driver.FAST_OPTIONS
+    short = 0.5 * driver.AUTO_FAST_BELOW_S * driver.AUTO_CPU_FLOPS
+    long = 2.0 * driver.AUTO_FAST_BELOW_S * driver.AUTO_CPU_FLOPS
+    assert driver.compiler_options("auto", "cpu", short) == fast
+    assert driver.compiler_options("auto", "cpu", long) is None
+    assert driver.compiler_options("auto", "cpu", None) is None  # unknown work: optimise
+    assert driver.compiler_options("fast", "cpu", long) == fast
+    assert driver.compiler_options("optimized", "cpu", short) is None
+    for backend in ("gpu", "tpu"):
+        assert driver.compiler_options("fast", backend, short) is None
+    with pytest.raises(ConfigError, match="compile mode"):
+        driver.compiler_options("quick", "cpu", short)
+
+
+def test_fast_and_optimized_compiles_give_the_same_results(tiny_ds):
+    fast = run(tiny_ds, "er", [0, 1], compile_mode="fast")
+    opt = run(tiny_ds, "er", [0, 1], compile_mode="optimized")
+    auto = run(tiny_ds, "er", [0, 1])
+    assert fast.extra["compile"]["fast"] and not opt.extra["compile"]["fast"]
+    assert auto.extra["compile"]["fast"]  # a tiny stream: seconds of work at most
+    assert auto.extra["compile"]["estimated_work_flops"] > 0
+    np.testing.assert_allclose(fast.acc, opt.acc, atol=1e-6)
+    np.testing.assert_allclose(fast.block_loss, opt.block_loss, rtol=1e-5)
+    np.testing.assert_array_equal(fast.acc, auto.acc)
 
 
 def test_accuracy_matrix_and_schedule(tiny_ds):

@@ -14,6 +14,15 @@ The training pool and the test subsets are uploaded once; the host sends only in
 ``fold_in(fold_in(k, 1), t)`` and the evaluation after step ``t`` uses
 ``fold_in(fold_in(k, 2), t)``, so results depend neither on chunking nor on the other members.
 
+Compile effort (``compile_mode``): on a CPU, ``fast`` compiles every program of the run with
+LLVM's optimisation off (``xla_backend_optimization_level=0``): compilation takes about 40%
+less time, and the matmuls, which XLA:CPU hands to its GEMM library either way, keep their
+speed, while the fused elementwise code runs slower. ``auto`` (the default) chooses ``fast``
+when the run is short: its estimated work (XLA's FLOP count of the lowered chunk, about one
+step and one evaluation batch, times the stream's steps, at ``AUTO_CPU_FLOPS``) is under
+``AUTO_FAST_BELOW_S``. The choice depends only on the run's settings, so a resumed run makes
+the same one. Other backends always compile with full optimisation.
+
 Diagnostics: with ``OCLJAX_DUMP_HLO=DIR`` set, each run writes its optimized chunk program
 (``compiled.as_text()``) to ``DIR/chunk_m{members}_d{devices}.hlo.txt``.
 """
@@ -50,6 +59,30 @@ from ocljax.types import Array, Batch, Learner
 from ocljax.units import human_bytes
 
 AXIS = "members"
+COMPILE_MODES = ("auto", "fast", "optimized")
+FAST_OPTIONS = {"xla_backend_optimization_level": 0}  # XLA:CPU: LLVM -O0
+AUTO_FAST_BELOW_S = 5.0  # auto: compile fast when the run's estimated work is shorter
+AUTO_CPU_FLOPS = 2e10  # FLOP/s per CPU device assumed by that estimate (2 cores: ~70 measured)
+
+
+def check_compile_mode(mode: str) -> None:
+    """Raise ``ConfigError`` unless ``mode`` is one of ``COMPILE_MODES``."""
+    if mode not in COMPILE_MODES:
+        raise ConfigError(f"compile mode must be one of {', '.join(COMPILE_MODES)}, got "
+                          f"{mode!r}")
+
+
+def compiler_options(mode: str, backend: str, estimated_flops: float | None) -> dict | None:
+    """XLA compiler options for a run (None: the defaults) under ``mode`` (module docstring):
+    ``fast`` on a CPU, or ``auto`` on a CPU for a run of fewer than ``AUTO_FAST_BELOW_S``
+    estimated seconds (``estimated_flops`` at ``AUTO_CPU_FLOPS``; unknown counts as long)."""
+    check_compile_mode(mode)
+    if backend != "cpu" or mode == "optimized":
+        return None
+    if mode == "fast" or (estimated_flops is not None
+                          and estimated_flops / AUTO_CPU_FLOPS < AUTO_FAST_BELOW_S):
+        return dict(FAST_OPTIONS)
+    return None
 
 
 def shard_map(f, *, mesh, in_specs, out_specs):
@@ -421,6 +454,7 @@ def run(
     cost: bool = False,
     checkpoint: Checkpointer | None = None,
     should_stop: Callable[[], bool] | None = None,
+    compile_mode: str = "auto",
 ) -> RunResult:
     """Train ``len(seeds)`` members through ``stream`` and evaluate them continually.
 
@@ -445,7 +479,11 @@ def run(
 
     ``cost=True`` also records compute accounting in ``result.extra["compute"]`` (see
     ``compute_costs``): one extra compilation of a single member's update step.
+
+    ``compile_mode``: ``auto``, ``fast`` or ``optimized`` (see the module docstring); the
+    choice made is in ``result.extra["compile"]``.
     """
+    check_compile_mode(compile_mode)
     M = len(seeds)
     if len(hparams) != M or stream.n_members != M:
         raise ConfigError(
@@ -455,14 +493,15 @@ def run(
     with precision_lib.matmul_precision(precision):
         result = _run(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chunk,
                       eval_batch, progress, log or (lambda msg: None), keep_state, memory_limit,
-                      checkpoint, should_stop)
+                      checkpoint, should_stop, compile_mode)
         if cost:
             result.extra["compute"] = compute_costs(learner, stream, dataset, hparams[0], result)
         return result
 
 
 def _run(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chunk, eval_batch,
-         progress, log, keep_state, memory_limit, checkpoint, should_stop) -> RunResult:
+         progress, log, keep_state, memory_limit, checkpoint, should_stop,
+         compile_mode) -> RunResult:
     M = len(seeds)
     mesh = local_mesh(n_devices)
     D = mesh.devices.size
@@ -507,27 +546,41 @@ def _run(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chunk, 
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=member_sh), abstract)
     eval_batch = chosen or default_eval_batch(Mp // D, int(np.prod(dataset.test_x.shape[1:])))
     fresh = checkpoint is None or not checkpoint.exists()
+
+    def lower_chunk(eb):
+        host = make_pools(eb)
+        abstract_pools = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shared_sh), host)
+        lowered = program.chunk.lower(*chunk_args(abstract, first, abstract_pools))
+        return host, abstract_pools, lowered
+
+    host_pools, abstract_pools, lowered = lower_chunk(eval_batch)
+    # the compile effort: decided from the first lowering, for every program of the run
+    step_flops = xla_flops(lowered) if jax.default_backend() == "cpu" else None
+    estimate = None if step_flops is None else step_flops * stream.total_steps
+    options = compiler_options(compile_mode, jax.default_backend(), estimate)
+    if options:
+        log(f"compiling fast (XLA optimisation off): {compile_mode} mode"
+            + (f", about {estimate / AUTO_CPU_FLOPS:.1f} s of work" if estimate else ""))
     background = ThreadPoolExecutor(1, thread_name_prefix="ocljax-compile") if fresh else None
-    init_job = background.submit(program.init.lower(keys, hp, example_x).compile) if fresh \
-        else None
+    init_job = background.submit(program.init.lower(keys, hp, example_x).compile, options) \
+        if fresh else None
     eval_job = None  # (evaluation batch, future of the compiled initial evaluation)
     try:
         while True:
-            host_pools = make_pools(eval_batch)
-            abstract_pools = jax.tree.map(
-                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shared_sh), host_pools)
             if fresh and (eval_job is None or eval_job[0] != eval_batch):
                 if eval_job is not None:
                     eval_job[1].cancel()  # for a batch that did not fit; a no-op once started
                 eval_job = (eval_batch, background.submit(program.initial_eval.lower(
-                    abstract, hp, keys, aux, abstract_pools[2]).compile))
-            compiled = program.chunk.lower(*chunk_args(abstract, first, abstract_pools)).compile()
+                    abstract, hp, keys, aux, abstract_pools[2]).compile, options))
+            compiled = lowered.compile(options)
             plan = memory_plan(compiled, abstract, host_pools, Mp, D, memory_limit, mesh)
             log(plan.describe())
             if plan.fits() or chosen or eval_batch <= MIN_EVAL_BATCH:
                 break
             eval_batch = max(MIN_EVAL_BATCH, eval_batch // 4)
             log(f"memory: retrying with evaluation batches of {eval_batch} test samples")
+            host_pools, abstract_pools, lowered = lower_chunk(eval_batch)
         if os.environ.get("OCLJAX_DUMP_HLO"):  # diagnostics: the optimized chunk program
             dump = Path(os.environ["OCLJAX_DUMP_HLO"])
             dump.mkdir(parents=True, exist_ok=True)
@@ -560,9 +613,13 @@ def _run(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chunk, 
     if background is not None:
         background.shutdown(wait=False)  # nothing more is submitted; the jobs run on
     if resumed is None:
-        init = init_job.result() if init_job is not None else program.init
+        # compiled in the background for a fresh run; here when a checkpoint was unreadable
+        init = (init_job.result() if init_job is not None else
+                program.init.lower(keys, hp, example_x).compile(options))
         initial_eval = (eval_job[1].result() if eval_job is not None and
-                        eval_job[0] == eval_batch else program.initial_eval)
+                        eval_job[0] == eval_batch else
+                        program.initial_eval.lower(abstract, hp, keys, aux,
+                                                   full_pool).compile(options))
         state = init(keys, hp, example_x)
         acc0 = initial_eval(state, hp, keys, aux, full_pool)
         history = History.empty(Mp, stream.n_tasks)._replace(acc0=jax.tree.map(to_host, acc0))
@@ -643,7 +700,9 @@ def _run(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chunk, 
         diverged_step=to_host(state[2])[:M, 0].astype(np.int64),
         diverged_cause=to_host(state[2])[:M, 1].astype(np.int64),
         extra={"memory": dataclasses.asdict(plan) | {"per_member": plan.per_member},
-               "eval_batch": eval_batch, "padded_members": Mp},
+               "eval_batch": eval_batch, "padded_members": Mp,
+               "compile": {"mode": compile_mode, "fast": bool(options),
+                           "estimated_work_flops": estimate}},
     )
 
 

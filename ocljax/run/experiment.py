@@ -118,7 +118,7 @@ def prepare_variant(variant: Variant, ds: data.Dataset) -> Prepared:
 def run_variant(
     prep: Prepared, ds: data.Dataset, n_devices: int | None, quiet: bool,
     blocks_per_chunk: int | None = None, *, probe_per_class: int = probing.PER_CLASS,
-    checkpoint: Checkpointer | None = None, should_stop=None,
+    checkpoint: Checkpointer | None = None, should_stop=None, compile_mode: str = "auto",
 ) -> VariantResult:
     """Run a prepared variant's members as one compiled sweep and compute their metrics
     (the linear probe too unless ``probe_per_class`` is 0). With a ``checkpoint``, the sweep
@@ -140,13 +140,16 @@ def run_variant(
         prep.learner, prep.stream, ds, prep.hparams, seeds, n_devices=n,
         blocks_per_chunk=blocks_per_chunk, progress=progress, precision=variant.model.precision,
         cost=True, log=log, keep_state=probe_per_class > 0, checkpoint=checkpoint,
-        should_stop=should_stop,
+        should_stop=should_stop, compile_mode=compile_mode,
     )
     if probe_per_class > 0:
         t0 = time.perf_counter()
+        fast = result.extra["compile"]["fast"]
         per_task = probing.final_probe_accuracy(prep.learner, prep.stream, ds,
                                                 result.final_state, prep.hparams, seeds,
-                                                probe_per_class)
+                                                probe_per_class,
+                                                compiler_options=driver.FAST_OPTIONS if fast
+                                                else None)
         if per_task is not None:
             result.extra["linear_probe_task_accuracy"] = per_task
             result.extra["linear_probe_accuracy"] = per_task.mean(-1)
@@ -317,9 +320,12 @@ def model_fingerprint(model: ModelConfig) -> dict:
 
 
 def plan_fingerprint(name: str, dataset: str, variants: list[Variant],
-                     blocks_per_chunk: int | None) -> dict:
-    """Every setting that decides a run's numbers; a resumed run must match it exactly."""
+                     blocks_per_chunk: int | None, compile_mode: str = "auto") -> dict:
+    """Every setting that decides a run's numbers; a resumed run must match it exactly. (The
+    compile mode decides rounding: named unless ``auto``, so older checkpoints still match.)"""
+    extra = {} if compile_mode == "auto" else {"compile_mode": compile_mode}
     return results.clean({
+        **extra,
         "experiment": name, "dataset": dataset, "blocks_per_chunk": blocks_per_chunk,
         "variants": [{
             "label": v.label, "learner": v.learner, "stream": dataclasses.asdict(v.stream),
@@ -377,6 +383,7 @@ def run_experiment(
     data_dir=None, n_devices=None, quiet=False, plot=True, command=None,
     blocks_per_chunk: int | None = None, resume: bool = False, checkpoint_every: float = 60.0,
     keep_checkpoints: int = 3, probe_per_class: int = probing.PER_CLASS, should_stop=None,
+    compile_mode: str = "auto",
 ) -> tuple[dict, Path | None]:
     """Load ``dataset``, run every variant, and write the run directory.
 
@@ -387,8 +394,9 @@ def run_experiment(
     checkpoints are deleted once the run directory is complete. If a run is interrupted
     (``should_stop()``, e.g. on SIGTERM) or fails, the variants that finished are written with
     ``"complete": false`` before the exception propagates. Returns
-    ``(summary, run_dir_path or None)``.
+    ``(summary, run_dir_path or None)``. ``compile_mode``: see ``ocljax.run.driver``.
     """
+    driver.check_compile_mode(compile_mode)
     if resume and not out:
         raise ConfigError("--resume needs the run directory to continue (--resume RUN_DIR)")
     multi = distributed.process_count() > 1
@@ -425,7 +433,8 @@ def run_experiment(
         prepared = [prepare_variant(v, ds) for v in variants]
         saver = None
         if root is not None:
-            saver = Resumable(root, plan_fingerprint(name, dataset, variants, blocks_per_chunk),
+            saver = Resumable(root, plan_fingerprint(name, dataset, variants, blocks_per_chunk,
+                                                     compile_mode),
                               checkpoint_every, keep_checkpoints)
     except BaseException:
         if run_dir is not None:
@@ -450,7 +459,7 @@ def run_experiment(
             outs.append(run_variant(
                 prep, ds, n_devices, quiet, blocks_per_chunk, probe_per_class=probe_per_class,
                 checkpoint=saver.checkpointer(i) if saver is not None else None,
-                should_stop=should_stop))
+                should_stop=should_stop, compile_mode=compile_mode))
             if saver is not None:
                 saver.save_finished(i, outs[-1])
     except BaseException as err:

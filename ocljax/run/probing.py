@@ -25,10 +25,12 @@ MEMBERS_AT_ONCE = 16  # members probed together (bounds the features held in mem
 
 def final_probe_accuracy(learner: Learner, stream: Stream, dataset: Dataset, states, hparams,
                          seeds, per_class: int = PER_CLASS, batch: int = probe.BATCH,
-                         ) -> np.ndarray | None:
+                         compiler_options: dict | None = None) -> np.ndarray | None:
     """Probed accuracy on each task for each member: [M, T] (None when the learner exposes no
     ``features``, e.g. the input-blind baseline). ``states`` are the final learner states with
-    a leading member axis (``driver.run(..., keep_state=True).final_state``)."""
+    a leading member axis (``driver.run(..., keep_state=True).final_state``).
+    ``compiler_options``: XLA options of its one compilation (the run's, see
+    ``ocljax.run.driver.compiler_options``)."""
     if learner.features is None:
         return None
     M, T, C = len(seeds), stream.n_tasks, dataset.num_classes
@@ -58,4 +60,5 @@ def final_probe_accuracy(learner: Learner, stream: Stream, dataset: Dataset, sta
     aux = jax.tree.map(jnp.asarray, stream.aux)
     keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(s), 3) for s in seeds])
     run = jax.jit(lambda a: jax.lax.map(member, a, batch_size=min(M, MEMBERS_AT_ONCE)))
-    return np.asarray(run((states, hp, aux, keys)))
+    args = (states, hp, aux, keys)
+    return np.asarray(run.lower(args).compile(compiler_options)(args))
