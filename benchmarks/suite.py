@@ -172,7 +172,7 @@ def run_driver(job: dict) -> dict:
     stream = streams.build(cfg, ds, seeds)
     n_dev = job.get("devices") or devices_for(M, len(jax.local_devices()))
     res = driver.run(learner, stream, ds, [learners.er.HParams(lr=0.1)] * M, seeds,
-                     n_devices=n_dev, precision=prec)
+                     n_devices=n_dev, precision=prec, compile_mode="optimized")
     samples = int(stream.schedule.steps.fresh.sum()) * cfg.batch_size
     mem = res.extra["memory"]
     return {
@@ -225,7 +225,8 @@ def run_peak(job: dict) -> dict:
 
 
 def run_compile(job: dict) -> dict:
-    """Compile time of each registered learner (4 members: a 4-point lr grid, one trace)."""
+    """Compile time of each registered learner (4 members: a 4-point lr grid, one trace),
+    fully optimised and with ``--compile fast`` (LLVM optimisation off), and their ratio."""
     from ocljax import learners, models, streams
     from ocljax.run import driver
 
@@ -238,9 +239,14 @@ def run_compile(job: dict) -> dict:
         learner = module.make(models.make_model("mlp", 10))
         hps = [module.HParams()._replace(lr=lr) for lr in (0.01, 0.03, 0.1, 0.3)]
         seeds = [0, 0, 0, 0]
-        res = driver.run(learner, streams.build(cfg, ds, seeds), ds, hps, seeds, n_devices=1)
+        stream = streams.build(cfg, ds, seeds)
+        res = driver.run(learner, stream, ds, hps, seeds, n_devices=1,
+                         compile_mode="optimized")
+        fast = driver.run(learner, stream, ds, hps, seeds, n_devices=1, compile_mode="fast")
         out[name] = {"compile_s": res.compile_s, "run_s": res.run_s,
-                     "traces": res.trace_count}
+                     "traces": res.trace_count, "fast_compile_s": fast.compile_s,
+                     "fast_run_s": fast.run_s, "fast_over_optimized": fast.compile_s /
+                     res.compile_s}
     return out
 
 
@@ -299,7 +305,8 @@ def describe(row: dict) -> str:
                 f"{row['samples']} samples), acc {row['final_average_accuracy']:.3f}")
     if row["kind"] == "compile":
         return f"{row['name']:28s} " + ", ".join(
-            f"{k} {v['compile_s']:.1f} s ({v['traces']} trace)" for k, v in row.items()
+            f"{k} {v['compile_s']:.1f} s, fast {v['fast_compile_s']:.1f} s "
+            f"({v['fast_over_optimized']:.2f}x; {v['traces']} trace)" for k, v in row.items()
             if isinstance(v, dict) and "compile_s" in v)
     text = (f"{row['name']:28s} M={row['members']:5d} on {row['devices']} dev: "
             f"{row['seed_samples_per_s']:12.0f} seed-samples/s")

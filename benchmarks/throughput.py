@@ -82,7 +82,7 @@ def measure(S: int, quick: bool, one_device: bool = False) -> dict:
     stream = streams.build(cfg, ds, seeds)
     n_dev = 1 if one_device else devices_for(S, len(jax.local_devices()))
     hps = [learners.er.HParams(lr=0.1)] * S
-    res = driver.run(learner, stream, ds, hps, seeds, n_devices=n_dev)
+    res = driver.run(learner, stream, ds, hps, seeds, n_devices=n_dev, compile_mode="optimized")
     return {
         "seeds": S, "devices": n_dev, "compile_s": res.compile_s, "run_s": res.run_s,
         "seed_samples_per_s": S * len(ds.train_y) / res.run_s,
