@@ -57,5 +57,6 @@ def test_costs_on_every_stream_kind(tiny_ds, kind):
     cfg = dataclasses.replace(CFG, kind=kind, passes=1)
     stream = streams.build(cfg, tiny_ds, [0, 1])
     finished = types.SimpleNamespace(run_s=1.0, n_members=2, extra={"memory": {"per_member": 1}})
-    c = driver.compute_costs(learner, stream, tiny_ds, module.HParams(), finished)
-    assert c["flops_per_step"] > 0
+    flops = driver.member_step_flops(learner, stream, tiny_ds, module.HParams())
+    c = driver.compute_costs(stream, flops, finished)
+    assert c["flops_per_step"] == flops > 0

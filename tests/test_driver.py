@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -73,13 +74,26 @@ def test_compile_mode_policy():
         driver.compiler_options("quick", "cpu", short)
 
 
-def test_fast_and_optimized_compiles_give_the_same_results(tiny_ds):
+def test_fast_and_optimized_compiles_give_the_same_results(tiny_ds, monkeypatch):
+    seen = []  # compiler options of every program the runs compile
+    real = jax.stages.Lowered.compile
+
+    def spy(self, compiler_options=None, *a, **kw):
+        seen.append(compiler_options)
+        return real(self, compiler_options, *a, **kw)
+
+    monkeypatch.setattr(jax.stages.Lowered, "compile", spy)
     fast = run(tiny_ds, "er", [0, 1], compile_mode="fast")
+    assert len(seen) >= 3 and all(o == driver.FAST_OPTIONS for o in seen)  # chunk, init, eval
+    seen.clear()
     opt = run(tiny_ds, "er", [0, 1], compile_mode="optimized")
-    auto = run(tiny_ds, "er", [0, 1])
+    assert len(seen) >= 3 and not any(seen)
+    auto = run(tiny_ds, "er", [0, 1], cost=True)
     assert fast.extra["compile"]["fast"] and not opt.extra["compile"]["fast"]
     assert auto.extra["compile"]["fast"]  # a tiny stream: seconds of work at most
-    assert auto.extra["compile"]["estimated_work_flops"] > 0
+    # the estimate is one member's update x steps x members: no device or eval-batch term
+    assert auto.extra["compile"]["estimated_work_flops"] == (
+        auto.extra["compute"]["flops_per_step"] * auto.total_steps * 2)
     np.testing.assert_allclose(fast.acc, opt.acc, atol=1e-6)
     np.testing.assert_allclose(fast.block_loss, opt.block_loss, rtol=1e-5)
     np.testing.assert_array_equal(fast.acc, auto.acc)

@@ -213,7 +213,7 @@ def task_balanced_indices(cfg: Config, n_tasks, task_rows, ref_step) -> tuple[Ar
 def task_random_indices(cfg: Config, n_tasks, task_rows, key) -> tuple[Array, Array]:
     """Per-task mode, ``ref_draw="random"``: ``mem_batch // n_tasks`` rows of each completed
     task's region drawn uniformly with replacement (Avalanche 0.1-0.3's group-balanced loader),
-    and their mask [mem_batch]. Masked rows (the remainder) repeat used ones."""
+    and their mask [mem_batch]. The remainder rows are further draws, masked out of the loss."""
     n, P = cfg.mem_batch, cfg.patterns_per_task
     done = jnp.maximum(n_tasks, 1)
     per = n // done

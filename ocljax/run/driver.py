@@ -18,10 +18,11 @@ Compile effort (``compile_mode``): on a CPU, ``fast`` compiles every program of 
 LLVM's optimisation off (``xla_backend_optimization_level=0``): compilation takes about 40%
 less time, and the matmuls, which XLA:CPU hands to its GEMM library either way, keep their
 speed, while the fused elementwise code runs slower. ``auto`` (the default) chooses ``fast``
-when the run is short: its estimated work (XLA's FLOP count of the lowered chunk, about one
-step and one evaluation batch, times the stream's steps, at ``AUTO_CPU_FLOPS``) is under
-``AUTO_FAST_BELOW_S``. The choice depends only on the run's settings, so a resumed run makes
-the same one. Other backends always compile with full optimisation.
+when the run is short: its estimated training work (XLA's FLOP count of one member's lowered
+update, times the stream's steps and the members, at ``AUTO_CPU_FLOPS`` for the whole host)
+is under ``AUTO_FAST_BELOW_S``. The estimate depends only on the run's plan (not on the device
+layout or the evaluation batch), so a resumed run makes the same choice. Other backends always
+compile with full optimisation.
 
 Diagnostics: with ``OCLJAX_DUMP_HLO=DIR`` set, each run writes its optimized chunk program
 (``compiled.as_text()``) to ``DIR/chunk_m{members}_d{devices}.hlo.txt``.
@@ -62,7 +63,7 @@ AXIS = "members"
 COMPILE_MODES = ("auto", "fast", "optimized")
 FAST_OPTIONS = {"xla_backend_optimization_level": 0}  # XLA:CPU: LLVM -O0
 AUTO_FAST_BELOW_S = 5.0  # auto: compile fast when the run's estimated work is shorter
-AUTO_CPU_FLOPS = 2e10  # FLOP/s per CPU device assumed by that estimate (2 cores: ~70 measured)
+AUTO_CPU_FLOPS = 2e10  # training FLOP/s of the host assumed by that estimate (2 cores: 30-80)
 
 
 def check_compile_mode(mode: str) -> None:
@@ -491,17 +492,29 @@ def run(
             f"{stream.n_members} members: they must match"
         )
     with precision_lib.matmul_precision(precision):
+        # one member's update FLOPs: the compute accounting's, and (CPU) the compile effort's
+        # work estimate; the lowered count is cheap on a CPU, elsewhere it needs a compile
+        cpu = jax.default_backend() == "cpu"
+        step_flops = member_step_flops(learner, stream, dataset, hparams[0]) \
+            if cost or (cpu and compile_mode == "auto") else None
+        work = None if step_flops is None else step_flops * stream.total_steps * M
+        options = compiler_options(compile_mode, jax.default_backend(), work)
+        if options and log is not None:
+            log(f"compiling fast (XLA optimisation off): --compile {compile_mode}"
+                + (f", about {work / AUTO_CPU_FLOPS:.1f} s of work" if work else ""))
         result = _run(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chunk,
                       eval_batch, progress, log or (lambda msg: None), keep_state, memory_limit,
-                      checkpoint, should_stop, compile_mode)
+                      checkpoint, should_stop, options)
+        result.extra["compile"] = {"mode": compile_mode, "fast": bool(options),
+                                   "estimated_work_flops": work}
         if cost:
-            result.extra["compute"] = compute_costs(learner, stream, dataset, hparams[0], result)
+            result.extra["compute"] = compute_costs(stream, step_flops, result)
         return result
 
 
 def _run(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chunk, eval_batch,
          progress, log, keep_state, memory_limit, checkpoint, should_stop,
-         compile_mode) -> RunResult:
+         options) -> RunResult:
     M = len(seeds)
     mesh = local_mesh(n_devices)
     D = mesh.devices.size
@@ -555,13 +568,6 @@ def _run(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chunk, 
         return host, abstract_pools, lowered
 
     host_pools, abstract_pools, lowered = lower_chunk(eval_batch)
-    # the compile effort: decided from the first lowering, for every program of the run
-    step_flops = xla_flops(lowered) if jax.default_backend() == "cpu" else None
-    estimate = None if step_flops is None else step_flops * stream.total_steps
-    options = compiler_options(compile_mode, jax.default_backend(), estimate)
-    if options:
-        log(f"compiling fast (XLA optimisation off): {compile_mode} mode"
-            + (f", about {estimate / AUTO_CPU_FLOPS:.1f} s of work" if estimate else ""))
     background = ThreadPoolExecutor(1, thread_name_prefix="ocljax-compile") if fresh else None
     init_job = background.submit(program.init.lower(keys, hp, example_x).compile, options) \
         if fresh else None
@@ -700,9 +706,7 @@ def _run(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chunk, 
         diverged_step=to_host(state[2])[:M, 0].astype(np.int64),
         diverged_cause=to_host(state[2])[:M, 1].astype(np.int64),
         extra={"memory": dataclasses.asdict(plan) | {"per_member": plan.per_member},
-               "eval_batch": eval_batch, "padded_members": Mp,
-               "compile": {"mode": compile_mode, "fast": bool(options),
-                           "estimated_work_flops": estimate}},
+               "eval_batch": eval_batch, "padded_members": Mp},
     )
 
 
@@ -743,19 +747,8 @@ def update_flops(learner: Learner, example_x, hp) -> float | None:
     return flops if flops is not None else xla_flops(lowered.compile())
 
 
-def compute_costs(learner: Learner, stream: Stream, dataset: Dataset, hp, result) -> dict:
-    """Compute accounting of a run, per member (as argued by Harun et al. 2023, "How Efficient
-    Are Today's Continual Learning Algorithms?", and Prabhu et al. 2023, "Computationally
-    Budgeted Continual Learning: What Does Matter?", Sec. 3, which compare methods at equal
-    compute):
-
-    flops_per_step: XLA's count for one update step (``update_flops``);
-    flops_per_sample: training FLOPs per incoming stream sample (passes included);
-    steps_per_sample: optimizer steps per incoming sample (``passes / batch_size``);
-    wall_s_per_member: the run's wall time (without compilation) divided by its members - the
-        amortised cost in a vmapped sweep, not a single run's time;
-    memory_per_member_bytes: the memory plan's bytes per member (``MemoryPlan.per_member``).
-    """
+def member_step_flops(learner: Learner, stream: Stream, dataset: Dataset, hp) -> float | None:
+    """``update_flops`` of one member's step on ``stream``'s (transformed) batches."""
     x = dataset.train_x[: stream.cfg.batch_size]
     # the first member's aux is an argument, not a closure: closed-over host arrays indexed by
     # a tracer (a permuted stream's permutations) fail
@@ -763,7 +756,22 @@ def compute_costs(learner: Learner, stream: Stream, dataset: Dataset, hp, result
     x = jax.eval_shape(lambda aux, a: stream.transform(
         aux, jnp.zeros(a.shape[:1], jnp.int32), a), aux0, x)
     hp = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), hp)
-    flops = update_flops(learner, x, hp)
+    return update_flops(learner, x, hp)
+
+
+def compute_costs(stream: Stream, flops: float | None, result) -> dict:
+    """Compute accounting of a run, per member (as argued by Harun et al. 2023, "How Efficient
+    Are Today's Continual Learning Algorithms?", and Prabhu et al. 2023, "Computationally
+    Budgeted Continual Learning: What Does Matter?", Sec. 3, which compare methods at equal
+    compute):
+
+    flops_per_step: ``flops``, XLA's count for one update step (``member_step_flops``);
+    flops_per_sample: training FLOPs per incoming stream sample (passes included);
+    steps_per_sample: optimizer steps per incoming sample (``passes / batch_size``);
+    wall_s_per_member: the run's wall time (without compilation) divided by its members - the
+        amortised cost in a vmapped sweep, not a single run's time;
+    memory_per_member_bytes: the memory plan's bytes per member (``MemoryPlan.per_member``).
+    """
     steps = int(stream.schedule.steps.valid.sum())
     samples = int(stream.schedule.steps.fresh.sum()) * stream.cfg.batch_size
     return {

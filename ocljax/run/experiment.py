@@ -289,7 +289,8 @@ def run_config(name, dataset, ds, variants, outs, command, wall_s) -> dict:
         "backend": jax.default_backend(),
         "timing": {vr.variant.label: {"compile_s": vr.result.compile_s,
                                       "run_s": vr.result.run_s,
-                                      "devices_used": vr.result.extra["devices"]}
+                                      "devices_used": vr.result.extra["devices"],
+                                      "compile": vr.result.extra.get("compile")}
                    for vr in outs},
         "wall_s": wall_s,
         "complete": len(outs) == len(variants),
@@ -347,7 +348,8 @@ class Resumable:
         if plan_file.exists():
             saved = json.loads(plan_file.read_text())
             if saved != fingerprint:
-                diff = [k for k in fingerprint if saved.get(k) != fingerprint[k]]
+                diff = sorted(k for k in {*fingerprint, *saved}
+                              if saved.get(k) != fingerprint.get(k))
                 raise ConfigError(
                     f"the checkpoints in {root} belong to a run with other settings (differs "
                     f"in: {', '.join(diff) or 'variants'}); rerun the original command with "
