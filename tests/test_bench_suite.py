@@ -1,5 +1,7 @@
 """The benchmark suite's plan and arithmetic (the timings themselves live in benchmarks/)."""
 
+import json
+
 import pytest
 
 from benchmarks import suite
@@ -44,3 +46,16 @@ def test_derive_ratio_and_roofline():
     assert row["fraction_of_roofline"] == pytest.approx(5e5 * max(compute, traffic))
     assert "ratio_vs_torch" not in suite.derive(
         {"model": "cnn", "seed_samples_per_s": 1.0}, {"torch": {}})
+
+
+@pytest.mark.slow
+def test_compile_modes_benchmark_writes_its_ratios(tmp_path):
+    from benchmarks import compile_modes
+
+    out = tmp_path / "modes.json"
+    assert compile_modes.main(["--quick", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert [r["mode"] for r in res["rows"]] == ["optimized", "fast"] * 2
+    assert res["compile_fast_over_optimized"] > 0 and res["run_fast_over_optimized"] > 0
+    accs = {round(r["final_average_accuracy"], 3) for r in res["rows"]}
+    assert len(accs) == 1  # the two compilations agree to rounding
