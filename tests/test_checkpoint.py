@@ -71,6 +71,23 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tiny_ds, tmp_path)
     assert_same(whole, resumed)
 
 
+def test_every_checkpoint_unreadable_starts_afresh(tiny_ds, tmp_path):
+    """Checkpoints exist (so nothing was compiled ahead for a fresh start) but none can be
+    read: the run initialises and evaluates from scratch and matches an uninterrupted one."""
+    whole = run(tiny_ds)
+    with pytest.raises(Interrupted):
+        run(tiny_ds, checkpoint=Checkpointer(tmp_path / "ck", every_s=0.0),
+            should_stop=StopAfter(2))
+    for step in (p for p in (tmp_path / "ck").iterdir() if p.name.isdigit()):
+        for root, _, files in os.walk(step / "state"):
+            for name in files:
+                with open(os.path.join(root, name), "wb") as f:
+                    f.write(b"\x00garbage")
+    with pytest.warns(RuntimeWarning, match="cannot be read"):
+        fresh = run(tiny_ds, checkpoint=Checkpointer(tmp_path / "ck", every_s=1e9))
+    assert_same(whole, fresh)
+
+
 def test_checkpoint_of_another_layout_is_refused(tiny_ds, tmp_path):
     with pytest.raises(Interrupted):
         run(tiny_ds, checkpoint=Checkpointer(tmp_path / "ck", every_s=0.0),
