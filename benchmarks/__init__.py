@@ -1,2 +1,19 @@
 """Benchmarks: ``python -m benchmarks.NAME``; each prints ratios against a baseline measured in
 the same run and writes JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def write_json(path: str | Path, out: dict) -> Path:
+    """Write a benchmark's results ``out`` to ``path`` atomically (parents created), print
+    where, and return the resolved path."""
+    from ocljax.run.results import write_atomic
+
+    path = Path(path).resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, json.dumps(out, indent=1) + "\n")
+    print(f"wrote {path}")
+    return path

@@ -12,9 +12,7 @@ of compile and run time and writes JSON. On accelerators both modes compile alik
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 
 def main(argv=None) -> int:
@@ -24,21 +22,19 @@ def main(argv=None) -> int:
     p.add_argument("--json", default="bench_results/compile_modes.json")
     args = p.parse_args(argv)
 
+    import dataclasses
+
     import jax
 
-    from ocljax import data, learners, models, streams
+    from benchmarks import write_json
+    from benchmarks.throughput import workload
+    from ocljax import learners, streams
     from ocljax.run import driver
-    from ocljax.run.results import write_atomic
     from ocljax.sweep import enable_compilation_cache
 
     enable_compilation_cache("")  # measure compilation, not the cache
-    per_class = 1200 if args.quick else 6000
-    ds = data.synthetic.load(num_classes=10, train_per_class=per_class, test_per_class=1000,
-                             shape=(28, 28, 1), noise=60.0)
-    model = models.make_model("mlp", 10, width=256, depth=2)
-    learner = learners.er.make(model, learners.er.Config(buffer_size=1000, replay_batch=10))
-    cfg = streams.StreamConfig(kind="split", n_tasks=5, batch_size=10, task_free=True,
-                               eval_every=0)
+    ds, cfg, learner = workload(args.quick)
+    cfg = dataclasses.replace(cfg, eval_every=0)  # task-end evaluation only
     rows = []
     for mode in ("optimized", "fast") * 2:
         stream = streams.build(cfg, ds, [0])
@@ -60,10 +56,7 @@ def main(argv=None) -> int:
           f"run {ratios['run_fast_over_optimized']:.2f}x")
     out = {"benchmark": "compile_modes", "quick": args.quick, "backend": jax.default_backend(),
            "samples": len(ds.train_y), "rows": rows, **ratios}
-    path = Path(args.json).resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps(out, indent=1) + "\n")
-    print(f"wrote {path}")
+    write_json(args.json, out)
     return 0
 
 

@@ -24,7 +24,6 @@ import platform
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from ocljax.sweep import devices_for, request_cpu_devices
 
@@ -110,8 +109,8 @@ def main(argv=None) -> int:
     import jax
     import numpy as np
 
+    from benchmarks import write_json
     from ocljax import streams
-    from ocljax.run.results import write_atomic
 
     ds, cfg, _ = workload(args.quick)
     n_samples = len(ds.train_y)
@@ -176,10 +175,7 @@ def main(argv=None) -> int:
         "train_flops_per_sample": 2 * flops_sample, "torch": torch_info, "results": rows,
         "speedup_vs_torch_eager": single.get("ratio_vs_torch") if single else None,
     }
-    path = Path(args.json).resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps(out, indent=1) + "\n")
-    print(f"wrote {path}")
+    write_json(args.json, out)
     return 0
 
 

@@ -23,24 +23,13 @@ accuracy: the mean over the 17 tasks' permuted test sets after the last task.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 
+from benchmarks.torch_er import torch_model
+
 MEAN, STD = 0.1307, 0.3081
-
-
-def mlp(dim: int = 784, hidden=(256, 256), classes: int = 10):
-    """The MLP of Avalanche's baseline (PyTorch's default initialisation)."""
-    from torch import nn
-
-    layers, width = [], dim
-    for h in hidden:
-        layers += [nn.Linear(width, h), nn.ReLU()]
-        width = h
-    return nn.Sequential(*layers, nn.Linear(width, classes))
 
 
 def flat_grad(model):
@@ -74,7 +63,7 @@ def run_seed(x_train, y_train, x_test, y_test, seed: int, n_tasks: int = 17,
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     perms = [rng.permutation(x_train.shape[1]) for _ in range(n_tasks)]
-    model = mlp(x_train.shape[1])
+    model = torch_model("mlp", (x_train.shape[1],), 10)  # 784-256-256-10, PyTorch's init
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     loss_fn = torch.nn.CrossEntropyLoss()
     mem_x, mem_y, regions = [], [], []
@@ -137,8 +126,8 @@ def main(argv=None) -> int:
 
     import torch
 
+    from benchmarks import write_json
     from ocljax import data
-    from ocljax.run.results import write_atomic
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -163,8 +152,8 @@ def main(argv=None) -> int:
     print(f"final acc {accs.mean():.4f} +- {accs.std(ddof=1) if len(accs) > 1 else 0.0:.4f} "
           f"over {len(accs)} seed(s)")
     if args.json:
-        write_atomic(Path(args.json), json.dumps(
-            {"args": vars(args), "runs": runs, "final_acc_mean": float(accs.mean())}, indent=1))
+        write_json(args.json, {"args": vars(args), "runs": runs,
+                               "final_acc_mean": float(accs.mean())})
     return 0
 
 

@@ -55,6 +55,14 @@ def test_stop_and_resume_is_bit_identical(tiny_ds, tmp_path):
     assert_same(whole, resumed)
 
 
+def corrupt(step_dir):
+    """Overwrite every file of a checkpoint step's state with garbage."""
+    for root, _, files in os.walk(step_dir / "state"):
+        for name in files:
+            with open(os.path.join(root, name), "wb") as f:
+                f.write(b"\x00garbage")
+
+
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tiny_ds, tmp_path):
     whole = run(tiny_ds)
     with pytest.raises(Interrupted):
@@ -62,10 +70,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tiny_ds, tmp_path)
             should_stop=StopAfter(3))
     newest = max((p for p in (tmp_path / "ck").iterdir() if p.name.isdigit()),
                  key=lambda p: int(p.name))
-    for root, _, files in os.walk(newest / "state"):
-        for name in files:
-            with open(os.path.join(root, name), "wb") as f:
-                f.write(b"\x00garbage")
+    corrupt(newest)
     with pytest.warns(RuntimeWarning, match="cannot be read"):
         resumed = run(tiny_ds, checkpoint=Checkpointer(tmp_path / "ck", every_s=1e9))
     assert_same(whole, resumed)
@@ -79,10 +84,7 @@ def test_every_checkpoint_unreadable_starts_afresh(tiny_ds, tmp_path):
         run(tiny_ds, checkpoint=Checkpointer(tmp_path / "ck", every_s=0.0),
             should_stop=StopAfter(2))
     for step in (p for p in (tmp_path / "ck").iterdir() if p.name.isdigit()):
-        for root, _, files in os.walk(step / "state"):
-            for name in files:
-                with open(os.path.join(root, name), "wb") as f:
-                    f.write(b"\x00garbage")
+        corrupt(step)
     with pytest.warns(RuntimeWarning, match="cannot be read"):
         fresh = run(tiny_ds, checkpoint=Checkpointer(tmp_path / "ck", every_s=1e9))
     assert_same(whole, fresh)

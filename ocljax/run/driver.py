@@ -479,10 +479,12 @@ def run(
     checkpoint (if it has a checkpointer) and raises ``Interrupted``.
 
     ``cost=True`` also records compute accounting in ``result.extra["compute"]`` (see
-    ``compute_costs``): one extra compilation of a single member's update step.
+    ``compute_costs``): one extra lowering of a single member's update step (a compilation
+    where the backend has no cost analysis of lowered programs).
 
     ``compile_mode``: ``auto``, ``fast`` or ``optimized`` (see the module docstring); the
-    choice made is in ``result.extra["compile"]``.
+    choice made, and the XLA options it gave every program, are in
+    ``result.extra["compile"]``.
     """
     check_compile_mode(compile_mode)
     M = len(seeds)
@@ -494,11 +496,11 @@ def run(
     with precision_lib.matmul_precision(precision):
         # one member's update FLOPs: the compute accounting's, and (CPU) the compile effort's
         # work estimate; the lowered count is cheap on a CPU, elsewhere it needs a compile
-        cpu = jax.default_backend() == "cpu"
+        backend = jax.default_backend()
         step_flops = member_step_flops(learner, stream, dataset, hparams[0]) \
-            if cost or (cpu and compile_mode == "auto") else None
+            if cost or (backend == "cpu" and compile_mode == "auto") else None
         work = None if step_flops is None else step_flops * stream.total_steps * M
-        options = compiler_options(compile_mode, jax.default_backend(), work)
+        options = compiler_options(compile_mode, backend, work)
         if options and log is not None:
             log(f"compiling fast (XLA optimisation off): --compile {compile_mode}"
                 + (f", about {work / AUTO_CPU_FLOPS:.1f} s of work" if work else ""))
@@ -506,7 +508,7 @@ def run(
                       eval_batch, progress, log or (lambda msg: None), keep_state, memory_limit,
                       checkpoint, should_stop, options)
         result.extra["compile"] = {"mode": compile_mode, "fast": bool(options),
-                                   "estimated_work_flops": work}
+                                   "options": options, "estimated_work_flops": work}
         if cost:
             result.extra["compute"] = compute_costs(stream, step_flops, result)
         return result

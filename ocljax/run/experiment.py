@@ -144,12 +144,9 @@ def run_variant(
     )
     if probe_per_class > 0:
         t0 = time.perf_counter()
-        fast = result.extra["compile"]["fast"]
-        per_task = probing.final_probe_accuracy(prep.learner, prep.stream, ds,
-                                                result.final_state, prep.hparams, seeds,
-                                                probe_per_class,
-                                                compiler_options=driver.FAST_OPTIONS if fast
-                                                else None)
+        per_task = probing.final_probe_accuracy(  # compiled as the run's programs were
+            prep.learner, prep.stream, ds, result.final_state, prep.hparams, seeds,
+            probe_per_class, compiler_options=result.extra["compile"]["options"])
         if per_task is not None:
             result.extra["linear_probe_task_accuracy"] = per_task
             result.extra["linear_probe_accuracy"] = per_task.mean(-1)
