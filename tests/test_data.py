@@ -76,6 +76,23 @@ def test_embedded_digits():
     assert set(np.unique(ds.test_y)) == set(range(10))
 
 
+def test_digits_read_without_sklearn_import_equal_load_digits(monkeypatch, tmp_path):
+    """The direct CSV read gives scikit-learn's own arrays; a damaged file is a DataError."""
+    from sklearn.datasets import load_digits
+
+    from ocljax.data import digits
+
+    images, y = digits.read_arrays()
+    ref = load_digits()
+    np.testing.assert_array_equal(images, ref.images)
+    np.testing.assert_array_equal(y, ref.target)
+    bad = tmp_path / "digits.csv.gz"
+    bad.write_bytes(b"not gzip")
+    monkeypatch.setattr(digits, "bundled_file", lambda: bad)
+    with pytest.raises(DataError, match="unreadable digits file"):
+        digits.read_arrays()
+
+
 @pytest.mark.parametrize("name, counts", [
     ("mnist", [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]),
     ("fashion_mnist", [6000] * 10),
