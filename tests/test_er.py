@@ -3,10 +3,13 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from conftest import tiny_learner
 from test_learner_contract import B, batches, step_of
 
-from ocljax.learners import er_ncm
+from ocljax import models
+from ocljax.errors import ConfigError
+from ocljax.learners import er, er_ncm, mir
 from ocljax.memory import reservoir
 
 
@@ -56,6 +59,41 @@ def test_er_replays_from_the_buffer():
     _, m_empty = learner.update(empty._replace(pending_valid=jnp.zeros(B, bool)),
                                 step_of(bs, 3), hp, jax.random.PRNGKey(7))
     assert not np.isclose(float(m_er["loss"]), float(m_empty["loss"]))
+
+
+def test_replay_loss_weights_joint_and_sum():
+    mask = jnp.asarray([True, True, False, False])
+    joint = np.asarray(er.replay_loss_weights("joint", 2, mask))
+    np.testing.assert_allclose(joint, [0.25, 0.25, 0.25, 0.25, 0, 0])  # one mean over 4 rows
+    summed = np.asarray(er.replay_loss_weights("sum", 2, mask))
+    np.testing.assert_allclose(summed, [0.5, 0.5, 0.5, 0.5, 0, 0])  # two means, added
+    empty = np.asarray(er.replay_loss_weights("sum", 2, jnp.zeros(3, bool)))
+    np.testing.assert_allclose(empty, [0.5, 0.5, 0, 0, 0])  # no replay: the stream's mean
+    with pytest.raises(ConfigError, match="replay_loss"):
+        er.check_config(er.Config(replay_loss="mean"))
+
+
+@pytest.mark.parametrize("module", [er, mir])
+def test_sum_replay_loss_is_joint_at_twice_the_step_with_a_full_replay_batch(module):
+    """With plain SGD and as many replayed rows as incoming ones, the authors' "sum of two
+    means" (MIR, the surveys' code) is the joint mean at twice the learning rate; with a
+    partly filled memory it is not."""
+    model = models.make_model("mlp", 4, width=16, depth=1)
+    extra = {"candidates": B} if module is mir else {}
+    make = lambda loss: module.make(model, module.Config(  # noqa: E731
+        buffer_size=8, replay_batch=B, replay_loss=loss, **extra))
+    joint, summed = make("joint"), make("sum")
+    hp, bs = module.HParams(), batches()
+    state = joint.init(jax.random.PRNGKey(0), bs.x[0], hp)
+    for i in range(3):  # two batches written: the memory holds 2 B rows
+        state, _ = joint.update(state, step_of(bs, i), hp, jax.random.PRNGKey(i))
+    key = jax.random.PRNGKey(5)
+    a, _ = summed.update(state, step_of(bs, 3), hp._replace(lr=0.05), key)
+    b, _ = joint.update(state, step_of(bs, 3), hp._replace(lr=0.1), key)
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-7),
+                 a.net.params, b.net.params)
+    c, _ = joint.update(state, step_of(bs, 3), hp._replace(lr=0.05), key)
+    assert not np.allclose(a.net.params["Dense_0"]["kernel"], c.net.params["Dense_0"]["kernel"])
 
 
 def test_ncm_predicts_the_nearest_class_mean_of_buffer_features():

@@ -77,15 +77,19 @@ def test_perturbation_stays_in_the_epsilon_ball_and_the_unit_box(old_task_state)
     assert (x_adv[0, 0, :2] >= 0).all() and (x_adv[1, 1, :2] <= 1).all()
 
 
-def np_attack(p, x0, target, eps, step, n_steps):
+def np_attack(p, x0, target, eps, step, n_steps, mu=0.0):
     """The sign-gradient attack by hand, with
-    grad_x ||relu(x W + b) - t||^2 = (2 (f - t) * 1[f > 0]) W^T."""
+    grad_x ||relu(x W + b) - t||^2 = (2 (f - t) * 1[f > 0]) W^T; with ``mu`` > 0, MI-FGSM:
+    the step follows the sign of g <- mu g + grad / ||grad||_1 (per row)."""
     x = x0.copy()
     w, b = p["Dense_0"]["kernel"], p["Dense_0"]["bias"]
+    acc = np.zeros_like(x)
     for _ in range(n_steps):
         pre = x.reshape(len(x), -1) @ w + b
         g = ((2 * (np.maximum(pre, 0) - target) * (pre > 0)) @ w.T).reshape(x.shape)
-        x = np.clip(np.clip(x - step * np.sign(g), x0 - eps, x0 + eps), 0, 1)
+        l1 = np.abs(g).reshape(len(g), -1).sum(1).reshape(-1, *([1] * (g.ndim - 1)))
+        acc = mu * acc + g / np.maximum(l1, 1e-12)
+        x = np.clip(np.clip(x - step * np.sign(acc), x0 - eps, x0 + eps), 0, 1)
     return x
 
 
@@ -109,6 +113,25 @@ def test_attack_pulls_replay_rows_towards_their_nearest_incoming_row(old_task_st
     before = ((fr - target) ** 2).sum(-1)
     after = ((np_features(look, x_adv) - target) ** 2).sum(-1)
     assert (after < 0.9 * before).all(), (before, after)
+
+
+def test_momentum_attack_is_mi_fgsm(old_task_state):
+    """With momentum the attack follows the accumulated L1-normalised gradient (the authors'
+    ``--d_momentum``), which takes a different path than the plain sign gradient."""
+    replay = replay_of(old_task_state)
+    plain = PERTURB(old_task_state.net, STREAM, replay, rar.HParams(lr=1.0, epsilon=0.3,
+                                                                     step_size=0.02))
+    hp = rar.HParams(lr=1.0, epsilon=0.3, step_size=0.02, momentum=1.0)
+    x_clean, x_adv, nearest, _ = PERTURB(old_task_state.net, STREAM, replay, hp)
+    p = np_params(old_task_state.net.params)
+    look = np_sgd_step(p, np.asarray(NEW.x), np.asarray(NEW.y), hp.lr)
+    target = np_features(look, np.asarray(NEW.x) / 255.0)[np.asarray(nearest)]
+    x0 = np.asarray(x_clean, np.float64)
+    expected = np_attack(look, x0, target, hp.epsilon, hp.step_size, CFG.attack_steps, mu=1.0)
+    np.testing.assert_allclose(x_adv, expected, atol=1e-5)
+    assert not np.allclose(x_adv, plain[1])  # momentum changes the path
+    np.testing.assert_allclose(  # momentum 0 is the plain attack
+        plain[1], np_attack(look, x0, target, 0.3, 0.02, CFG.attack_steps), atol=1e-5)
 
 
 def test_rows_of_classes_in_the_incoming_batch_stay_clean(old_task_state):
@@ -174,6 +197,33 @@ def test_update_trains_on_clean_stream_and_perturbed_replay(old_task_state):
     assert metrics["stream_logits"].shape == (B, 4)
 
 
+def test_sum_replay_loss_adds_the_stream_mean_and_the_replay_views_means(old_task_state):
+    """``replay_loss="sum"``: mean CE(stream) + (1 - a) mean CE(clean) + a mean CE(perturbed),
+    the authors' ``retrieve_er_rar`` loss."""
+    cfg = rar.Config(buffer_size=8, replay_batch=3, replay_loss="sum")
+    learner = rar.make(MODEL, cfg)
+    hp, key = rar.HParams(epsilon=0.2, step_size=0.05, adv_weight=0.3), jax.random.PRNGKey(7)
+    new, metrics = jax.jit(learner.update)(old_task_state, NEW, hp, key)
+    k_write, k_read = jax.random.split(key)
+    flushed = jax.jit(er.flush)(old_task_state, k_write)
+    replay, mask = jax.jit(er.replay_rows, static_argnums=2)(flushed.buffer, k_read, 3, STREAM)
+    x_clean, x_adv, _, _ = PERTURB(flushed.net, STREAM, replay, hp)
+    assert bool(mask.all())
+
+    def loss(params):
+        def ce(x, y):
+            return optax.softmax_cross_entropy_with_integer_labels(
+                MODEL.apply(params, {}, x, True)[0], y).mean()
+
+        return (ce(NEW.x, NEW.y) + (1 - hp.adv_weight) * ce(x_clean, replay["y"])
+                + hp.adv_weight * ce(x_adv, replay["y"]))
+
+    value, grads = jax.value_and_grad(loss)(old_task_state.net.params)
+    expected = jax.tree.map(lambda p, g: p - hp.lr * g, old_task_state.net.params, grads)
+    assert_trees_close(new.net.params, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(metrics["loss"], value, rtol=1e-5)
+
+
 def test_augment_spec_transforms_the_replay_rows(old_task_state):
     cfg = rar.Config(buffer_size=8, replay_batch=3, augment="crop1")
     learner = rar.make(MODEL, cfg)
@@ -191,7 +241,7 @@ def test_augment_spec_transforms_the_replay_rows(old_task_state):
 
 
 @pytest.mark.parametrize("kw", [dict(augment="bogus"), dict(attack_space="pixels"),
-                                dict(attack_steps=-1)])
+                                dict(attack_steps=-1), dict(replay_loss="mean")])
 def test_bad_settings_are_refused(kw):
     with pytest.raises(ConfigError):
         rar.check_config(rar.Config(**kw))

@@ -10,6 +10,15 @@ from the memory holding batches ``< t``. Rather than "read, train, then write" (
 copy the whole buffer every step inside ``scan``: measured 2.5x slower on a prototype), the
 write of batch t-1 is deferred to the start of step t: *write, then read*, with the same
 semantics. ``pending`` holds the batch waiting to be written.
+
+Loss. ``Config.replay_loss = "joint"`` (default) averages the cross-entropy over the incoming
+and the valid replayed rows together: one batch of ``B + R`` rows, as in Chaudhry et al.'s
+Algorithm 1 and Avalanche. ``"sum"`` adds the incoming rows' mean and the replayed rows' mean,
+the convention of Mai et al.'s survey code and of the MIR and RAR authors' code (each mean
+back-propagated separately before one optimizer step). With plain SGD and a full replay batch
+of ``R = B`` rows (the usual 10 + 10), ``sum`` at ``lr`` is exactly ``joint`` at ``2 lr``: the
+choice is a step size, and numbers from the two code bases compare only once it is matched.
+MIR (``mir.py``) and RAR (``rar.py``) take the same setting.
 """
 
 from __future__ import annotations
@@ -19,12 +28,14 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from ocljax import optim
 from ocljax.errors import ConfigError
 from ocljax.learners.supervised import (
     NetState,
     cross_entropy_step,
+    gradient_step,
     init_net,
     net_features,
     predict_logits,
@@ -38,6 +49,10 @@ class Config:
     buffer_size: int = 1000
     replay_batch: int = 10
     optimizer: str = "sgd"
+    replay_loss: str = "joint"  # "joint" (one mean over B + R rows) | "sum" (two means)
+
+
+REPLAY_LOSSES = ("joint", "sum")
 
 
 class HParams(NamedTuple):
@@ -63,6 +78,51 @@ def check_config(cfg: Config) -> None:
             f"buffer of {cfg.buffer_size}"
         )
     optim.check(cfg.optimizer)
+    mode = getattr(cfg, "replay_loss", "joint")
+    if mode not in REPLAY_LOSSES:
+        raise ConfigError(f"unknown replay_loss {mode!r}; choose one of {', '.join(REPLAY_LOSSES)}")
+
+
+def replay_loss_weights(mode: str, n_stream: int, replay_weights: Array) -> Array:
+    """Per-row weights [B + R'] of the cross-entropy over ``B`` incoming rows followed by
+    replayed rows whose own weights are ``replay_weights`` [R'] (the replay mask, or a mask split
+    over several views of each row: weights of one replayed row sum to 1).
+
+    ``joint``: every row ``1 / (B + sum(replay_weights))`` (one mean over stream and replay);
+    ``sum``: incoming rows ``1 / B``, replayed rows ``w / max(sum(replay_weights), 1)`` (the mean
+    of each part, added). The loss is ``sum(weights * per_row_ce)``.
+    """
+    w = replay_weights.astype(jnp.float32)
+    stream = jnp.ones((n_stream,), jnp.float32)
+    if mode == "joint":
+        return jnp.concatenate([stream, w]) / (n_stream + w.sum())
+    if mode == "sum":
+        return jnp.concatenate([stream / n_stream, w / jnp.maximum(w.sum(), 1.0)])
+    raise ConfigError(f"unknown replay_loss {mode!r}; choose one of {', '.join(REPLAY_LOSSES)}")
+
+
+def replay_step(model: Model, cfg, net: NetState, stream: dict, replay: dict, replay_mask,
+                lr) -> tuple[NetState, Array, Array]:
+    """One optimizer step on the incoming rows plus the replayed rows, combined as
+    ``cfg.replay_loss`` says (``replay_loss_weights``). Returns ``(net, loss, logits [B + R])``.
+
+    ``joint`` goes through ``cross_entropy_step`` with the row mask (the original ER path,
+    bit for bit)."""
+    x = jnp.concatenate([stream["x"], replay["x"]])
+    y = jnp.concatenate([stream["y"], replay["y"]])
+    n_stream = stream["y"].shape[0]
+    mode = getattr(cfg, "replay_loss", "joint")
+    if mode == "joint":
+        mask = jnp.concatenate([jnp.ones((n_stream,), bool), replay_mask])
+        return cross_entropy_step(model, cfg.optimizer, net, x, y, mask, lr)
+    weights = replay_loss_weights(mode, n_stream, replay_mask)
+
+    def loss_fn(params, model_state):
+        logits, _, model_state = model.apply(params, model_state, x, True)
+        per_row = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+        return (weights * per_row).sum(), (logits, model_state)
+
+    return gradient_step(cfg.optimizer, net, loss_fn, lr)
 
 
 def init_state(model: Model, cfg: Config, key, x, hp) -> State:
@@ -120,10 +180,7 @@ def update_state(model: Model, cfg: Config, state: State, batch: Batch, hp, key)
     state = flush(state, k_write, batch.fresh)
     stream = {"x": batch.x, "y": batch.y}
     replay, replay_mask = replay_rows(state.buffer, k_read, cfg.replay_batch, stream)
-    x = jnp.concatenate([batch.x, replay["x"]])
-    y = jnp.concatenate([batch.y, replay["y"]])
-    mask = jnp.concatenate([jnp.ones_like(batch.y, bool), replay_mask])
-    net, loss, logits = cross_entropy_step(model, cfg.optimizer, state.net, x, y, mask, hp.lr)
+    net, loss, logits = replay_step(model, cfg, state.net, stream, replay, replay_mask, hp.lr)
     state = hold(state._replace(net=net), stream, batch.fresh)
     return state, {"loss": loss, "stream_logits": logits[:batch.y.shape[0]]}
 

@@ -31,7 +31,12 @@ model in ``train()``); BatchNorm statistics from the virtual step and the scorin
 discarded, so only the real step changes the state. (c) The authors' code has two extras that
 are not part of Algorithm 1 and are left out: excluding the current task from the candidates
 (it needs task labels) and, on MNIST, comparing with logits stored at write time
-(``--compare_to_old_logits``).
+(``--compare_to_old_logits``); it also replays only from the second task on, where the memory
+here is replayed from the first step on, like ER's. (d) The real step averages the loss over
+the incoming and replayed rows together (``replay_loss = "joint"``, Algorithm 1's "SGD on
+B_n u B_C"); the authors' code back-propagates the incoming mean and the replayed mean
+separately (``Maximally_Interfered_Retrieval/mir.py``), which is ``replay_loss = "sum"`` and,
+with 10 + 10 rows and plain SGD, the same as ``joint`` at twice the learning rate (``er.py``).
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ import optax
 
 from ocljax.errors import ConfigError
 from ocljax.learners import er
-from ocljax.learners.supervised import NetState, cross_entropy_step, net_features, predict_logits
+from ocljax.learners.supervised import NetState, net_features, predict_logits
 from ocljax.losses import cross_entropy
 from ocljax.types import Array, Batch, Learner, Model, identity_prepare_eval
 
@@ -59,6 +64,7 @@ class Config:
     replay_batch: int = 10  # rows replayed per step (top-k of the candidates)
     candidates: int = 50  # C, rows drawn from memory and scored each step
     optimizer: str = "sgd"
+    replay_loss: str = "joint"  # "joint" | "sum": see er.py ("sum" is the authors' code's)
 
 
 class HParams(NamedTuple):
@@ -127,10 +133,7 @@ def update_state(model: Model, cfg: Config, state: State, batch: Batch, hp, key)
     stream = {"x": batch.x, "y": batch.y}
     replay, replay_mask, *_ = retrieve(model, cfg, state.net, state.buffer, stream, k_read,
                                        hp.lr)
-    x = jnp.concatenate([batch.x, replay["x"]])
-    y = jnp.concatenate([batch.y, replay["y"]])
-    mask = jnp.concatenate([jnp.ones_like(batch.y, bool), replay_mask])
-    net, loss, logits = cross_entropy_step(model, cfg.optimizer, state.net, x, y, mask, hp.lr)
+    net, loss, logits = er.replay_step(model, cfg, state.net, stream, replay, replay_mask, hp.lr)
     state = er.hold(state._replace(net=net), stream, batch.fresh)
     return state, {"loss": loss, "stream_logits": logits[:batch.y.shape[0]]}
 
