@@ -20,9 +20,10 @@ Conventions and deviations:
 - MSE is the mean over replayed rows *and* classes, as in the reference implementation
   (``aimagelab/mammoth``, ``F.mse_loss``); the paper writes a squared L2 norm over classes,
   which is ``C`` times larger. The default ``alpha`` / ``beta`` are tuned for the mean.
-- Defaults: Mammoth's best settings (``utils/best_args.py``) for Seq-MNIST (class-IL,
-  batch 10, one epoch) with a buffer of 500, the grid point nearest this project's 1000:
-  DER ``alpha`` 1.0; DER++ ``alpha`` 1.0, ``beta`` 0.5. (Buffer 5120: DER alpha 0.5,
+- Defaults: Mammoth's best settings (``utils/best_args.py``) for Seq-MNIST (class-IL, one
+  epoch) with a buffer of 500, the grid point nearest this project's 1000: DER ``alpha`` 1.0
+  (tuned there with a replay minibatch of 128); DER++ ``alpha`` 1.0, ``beta`` 0.5 (replay
+  minibatch 10, as here). (Buffer 5120: DER alpha 0.5,
   DER++ alpha 0.2 / beta 0.5.) Mammoth's lr there is 0.03; the default here is the project's
   SGD lr 0.1, sweep ``lr`` and ``alpha`` together for a tuned comparison.
 - The incoming batch and the replay batches go through one forward pass (Mammoth uses two or

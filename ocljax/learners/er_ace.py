@@ -26,6 +26,11 @@ Deviations and options:
   ``unmask_unseen=True`` this module leaves unmasked the classes that no incoming batch has
   contained so far (tracked in ``State.seen``), which is that rule without the assumption on
   label order (it does not unmask the largest seen label itself).
+- The classifier head is the model's plain linear layer, as for every other learner here, so
+  that ER-ACE differs from ER only in its loss. The authors' code (``pclucas14/AML``,
+  ``main.py``: ``distLinear``, a cosine-similarity head with scale 10) and Mammoth's default
+  (``use_custom_classifier``) train ER-ACE with a cosine head: published ER-ACE numbers include
+  its effect.
 - As in ``ocljax.learners.er``, incoming and replayed rows go through one forward pass (the
   authors use two); identical for models without BatchNorm.
 - Buffer, deferred write and replay draw are ER's (``ocljax.learners.er``): reservoir memory,

@@ -10,9 +10,12 @@ rows with per-sample gradients G_1..G_n and score it
 While the memory is not full the sample is added with score c. Once full, a sample with
 ``c < 1`` (negative cosine to every candidate) competes for a slot i drawn with probability
 ``C_i / sum_j C_j`` and replaces it, taking score c, with probability ``C_i / (C_i + c)``;
-a sample whose gradient resembles the memory's (c >= 1) is rejected. An empty memory gives the
-score 0.1, as in the official code and Mammoth. Samples of one incoming batch are decided in
-order (``lax.scan``), each seeing the fill level and scores left by the previous ones.
+a sample whose gradient resembles the memory's (c >= 1) is rejected. A sample offered to an
+empty memory gets the score 0.1 on this shifted scale, Mammoth's value; the official code's
+0.1 is a raw cosine (``GSS_Greedy.py``), 1.1 on this scale. It concerns only the first batch's
+rows, which with 0.1 are almost never drawn for replacement. Samples of one incoming batch
+are decided in order (``lax.scan``), each seeing the fill level and scores left by the
+previous ones.
 
 Training is ER-style, as in Mammoth's GSS: each step is one SGD step on the incoming batch
 concatenated with ``replay_batch`` rows drawn uniformly from the memory
@@ -61,7 +64,7 @@ from ocljax.losses import cross_entropy
 from ocljax.memory import reservoir
 from ocljax.types import Array, Batch, Learner, Model, identity_prepare_eval
 
-EMPTY_SCORE = 0.1  # score of a sample offered to an empty memory (official code, Mammoth)
+EMPTY_SCORE = 0.1  # score of a sample offered to an empty memory (Mammoth; see the docstring)
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,10 @@ available here, and the paper text could not be consulted, so the code is the re
 ``Config.consolidate = "boundary"`` is the task-aware variant: consolidate (same Omega over the
 hard buffer, same average) at the first fresh step of each new task, before its update;
 it needs the stream's boundaries (``requires_boundaries``). Hard-buffer replay is the same.
+This is the task-free method with its trigger replaced, not task-based MAS: the task-based
+code (``rahafaljundi/MAS-Memory-Aware-Synapses``, ``accumelate_reg_params``) *adds* each task's
+Omega, computed over the task's training data, where this variant *averages* Omegas computed
+over the hard buffer, so old tasks' importance is diluted by 1/n instead of accumulating.
 
 Deviations from the authors' code, and why:
 
