@@ -10,7 +10,7 @@ from test_learner_contract import B, batches, step_of
 
 from ocljax import augment, models
 from ocljax.errors import ConfigError
-from ocljax.learners import scr
+from ocljax.learners import er, scr
 from ocljax.memory import reservoir
 
 
@@ -107,6 +107,38 @@ def test_loss_is_supcon_of_original_and_augmented_views(monkeypatch):
     z = numpy_projection(params["head"], feats)
     expected = supcon_reference(z, np.tile(np.asarray(bs.y[0]), 2), 0.3)
     np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=1e-4)
+
+
+def test_replayed_rows_and_their_views_enter_the_supcon_loss(monkeypatch):
+    """With a non-empty memory the loss is SupCon over (stream + replayed rows) x 2 views: the
+    replayed rows are those ER's read draws with the same keys, and they change the loss."""
+    monkeypatch.setattr(scr.aug, "augment", lambda key, x, spec: 255 - x)
+    model = tiny_model()
+    cfg = scr.Config(buffer_size=8, replay_batch=3, augment="crop1")
+    learner = scr.make(model, cfg)
+    hp, bs = scr.HParams(temperature=0.3), batches()
+    update = jax.jit(learner.update)
+    state = learner.init(jax.random.PRNGKey(0), bs.x[0], hp)
+    for i in range(3):
+        state, _ = update(state, step_of(bs, i), hp, jax.random.PRNGKey(i))
+    key = jax.random.PRNGKey(11)
+    _, metrics = update(state, step_of(bs, 3), hp, key)
+    k_write, k_read, _ = jax.random.split(key, 3)
+    stream = {"x": bs.x[3], "y": bs.y[3]}
+    flushed = er.flush(state, k_write)
+    replay, mask = er.replay_rows(flushed.buffer, k_read, cfg.replay_batch, stream)
+    assert bool(mask.all())  # 2 B rows stored, 3 replayed
+    x = np.concatenate([np.asarray(bs.x[3]), np.asarray(replay["x"])])
+    y = np.concatenate([np.asarray(bs.y[3]), np.asarray(replay["y"])])
+    params = state.net.params
+    _, feats, _ = model.apply(params["net"], {}, jnp.asarray(np.concatenate([x, 255 - x])), True)
+    z = numpy_projection(params["head"], feats)
+    expected = supcon_reference(z, np.tile(y, 2), 0.3)
+    np.testing.assert_allclose(float(metrics["loss"]), expected, rtol=1e-4)
+    n = len(y)
+    stream_only = np.r_[0:B, n:n + B]  # the two views of the stream rows alone
+    assert not np.isclose(expected, supcon_reference(z[stream_only], np.tile(y, 2)[stream_only],
+                                                     0.3))
 
 
 def test_default_augmentation_makes_the_views_differ():
