@@ -112,6 +112,17 @@ def parse(spec: str) -> tuple[tuple[str, float], ...]:
     return tuple(out)
 
 
+SPATIAL = ("crop", "flip", "rrc")  # augmentations that move pixels
+
+
+def without_spatial(spec: str) -> str:
+    """``spec`` without its pixel-moving parts (crop, flip, random resized crop): what remains
+    meaningful when the inputs are pixel permutations (``"none"`` if nothing remains)."""
+    kept = [p.strip() for p in spec.split(",")
+            if p.strip() and p.strip() != "none" and p.strip().rstrip("0123456789") not in SPATIAL]
+    return ",".join(kept) or "none"
+
+
 def augment(key: Array, x: Array, spec: str) -> Array:
     """Apply the augmentations of ``spec`` (see ``parse``) in order, each with its own key."""
     steps = parse(spec)

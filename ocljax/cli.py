@@ -209,6 +209,10 @@ def plan(args, preset: dict):
             cfg = module.Config(**cfg_kw)
         except TypeError as err:
             raise ConfigError(f"bad settings for {name}: {err}") from None
+        cfg, note = learners.fit_augment_to_stream(name, cfg, stream_cfg.kind,
+                                                   explicit="augment" in cfg_kw)
+        if note:
+            print(f"note: {note}", file=sys.stderr)
         base = {**hp_fields, **hp_kw}
         if "model" in model_kw:
             model_kw["name"] = model_kw.pop("model")

@@ -1,5 +1,6 @@
 """Command-line runs end to end, and bad input: one clear message, exit 2, nothing written."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -203,3 +204,40 @@ def test_learner_needing_boundaries_is_refused_on_a_task_free_stream(capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "icarl needs task boundaries" in err and "er_ncm" in err
+
+
+def test_permuted_streams_drop_pixel_moving_default_augmentations_and_refuse_explicit_ones(
+        capsys):
+    """SCR's default view is a random resized crop: meaningless on permuted pixels, so a
+    permuted stream keeps only its jitter (with a note); asking for a crop there is an error."""
+    from ocljax import data
+    from ocljax.cli import build_parser, plan
+    from ocljax.run import experiment
+
+    preset = {"seeds": 1, "seed": 0, "learner": "scr,rar", "dataset": "synthetic",
+              "stream": "permuted"}
+    scr_v, rar_v = plan(build_parser("t", "", preset).parse_args([]), preset)[1]
+    assert scr_v.learner_config.augment == "jitter40"  # from the default "rrc50,jitter40"
+    assert rar_v.learner_config.augment == "none"  # nothing to drop
+    assert "augment 'rrc50,jitter40' -> 'jitter40'" in capsys.readouterr().err
+    split = {**preset, "stream": "split"}
+    assert plan(build_parser("t", "", split).parse_args([]), split)[1][0] \
+        .learner_config.augment == "rrc50,jitter40"
+    args = build_parser("t", "", preset).parse_args(["--set", "augment=crop4,jitter20"])
+    with pytest.raises(ConfigError, match="augment='crop4,jitter20' moves pixels.*"
+                                          "--set augment=jitter20"):
+        plan(args, preset)
+    # the library path refuses it too (a Variant built by hand)
+    bad = dataclasses.replace(scr_v, learner_config=dataclasses.replace(
+        scr_v.learner_config, augment="rrc50"))
+    with pytest.raises(ConfigError, match="moves pixels"):
+        experiment.prepare_variant(bad, data.load("synthetic"))
+
+
+def test_without_spatial_keeps_only_pixel_wise_augmentations():
+    from ocljax import augment
+
+    assert augment.without_spatial("rrc50,jitter40") == "jitter40"
+    assert augment.without_spatial("crop4,flip") == "none"
+    assert augment.without_spatial("none") == "none"
+    assert augment.without_spatial("jitter30") == "jitter30"

@@ -110,6 +110,7 @@ def prepare_variant(variant: Variant, ds: data.Dataset) -> Prepared:
         model = models.standardized(model, *models.channel_stats(ds.train_x))
     module = learners.get(variant.learner)
     learners.check_stream(variant.learner, variant.stream.task_free, variant.learner_config)
+    learners.check_augment(variant.learner, variant.stream.kind, variant.learner_config)
     learner = module.make(model, variant.learner_config)
     hps = [module.HParams(**m.hparams) for m in variant.members]
     return Prepared(variant, stream, learner, hps)
