@@ -41,23 +41,44 @@ def random_flip(key: Array, x: Array, p: float = 0.5) -> Array:
     return jnp.where(flip[:, None, None, None], x[:, :, ::-1, :], x)
 
 
+RRC_ATTEMPTS = 10  # window draws per image before falling back to the whole image
+
+
+def resized_crop_windows(key: Array, b: int, h: int, w: int,
+                         scale: tuple[float, float] = (0.2, 1.0),
+                         ratio: tuple[float, float] = (3 / 4, 4 / 3)):
+    """``b`` random crop windows ``(top, left, height, width)`` [b] each, float.
+
+    As torchvision's ``RandomResizedCrop``: area fraction uniform in ``scale``, aspect ratio
+    log-uniform in ``ratio``, redrawn (up to ``RRC_ATTEMPTS`` times) until the window fits in
+    the image, then placed uniformly; an image none of whose draws fit gets the whole image
+    (torchvision's fallback for a square image). Windows are never clipped, so their area
+    fractions stay uniform over ``scale``.
+    """
+    k_area, k_ratio, k_pos = jax.random.split(key, 3)
+    n = (b, RRC_ATTEMPTS)
+    area = jax.random.uniform(k_area, n, minval=scale[0], maxval=scale[1]) * h * w
+    log_r = jax.random.uniform(k_ratio, n, minval=jnp.log(ratio[0]), maxval=jnp.log(ratio[1]))
+    r = jnp.exp(log_r)
+    cw, ch = jnp.sqrt(area * r), jnp.sqrt(area / r)
+    fits = (cw <= w) & (ch <= h)
+    first = jnp.argmax(fits, axis=1)  # the first draw that fits (0 when none does)
+    pick = lambda a: jnp.take_along_axis(a, first[:, None], axis=1)[:, 0]  # noqa: E731
+    any_fit = fits.any(axis=1)
+    cw = jnp.where(any_fit, pick(cw), float(w))
+    ch = jnp.where(any_fit, pick(ch), float(h))
+    u = jax.random.uniform(k_pos, (b, 2))
+    return u[:, 0] * (h - ch), u[:, 1] * (w - cw), ch, cw
+
+
 def random_resized_crop(key: Array, x: Array, scale: tuple[float, float] = (0.2, 1.0),
                         ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> Array:
     """Crop a random window covering a fraction in ``scale`` of the image area with aspect
-    ratio in ``ratio`` (log-uniform), and resize it back to the full size (bilinear).
-
-    Windows are clipped to the image. Integer inputs are rounded back to their dtype.
+    ratio in ``ratio`` (log-uniform; see ``resized_crop_windows``), and resize it back to the
+    full size (bilinear). Integer inputs are rounded back to their dtype.
     """
     b, h, w, c = x.shape
-    k_area, k_ratio, k_pos = jax.random.split(key, 3)
-    area = jax.random.uniform(k_area, (b,), minval=scale[0], maxval=scale[1]) * h * w
-    log_r = jax.random.uniform(k_ratio, (b,), minval=jnp.log(ratio[0]), maxval=jnp.log(ratio[1]))
-    r = jnp.exp(log_r)
-    cw = jnp.clip(jnp.sqrt(area * r), 1.0, w)
-    ch = jnp.clip(jnp.sqrt(area / r), 1.0, h)
-    u = jax.random.uniform(k_pos, (b, 2))
-    top = u[:, 0] * (h - ch)
-    left = u[:, 1] * (w - cw)
+    top, left, ch, cw = resized_crop_windows(key, b, h, w, scale, ratio)
 
     def one(img, top, left, ch, cw):
         img = img.astype(jnp.float32)

@@ -53,6 +53,42 @@ def test_random_resized_crop_full_window_is_identity_and_zoom_is_a_sub_window():
     assert (np.diff(z[..., 0], axis=2) <= 1e-6).all()
 
 
+def np_rrc_areas(rng, n, h, w, scale, ratio=(3 / 4, 4 / 3), attempts=10):
+    """Area fractions of torchvision's ``RandomResizedCrop`` window draws (continuous sizes):
+    redraw until the window fits, else the whole image."""
+    out = np.ones(n)
+    for i in range(n):
+        for _ in range(attempts):
+            area = h * w * rng.uniform(*scale)
+            r = np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1])))
+            if np.sqrt(area * r) <= w and np.sqrt(area / r) <= h:
+                out[i] = area / (h * w)
+                break
+    return out
+
+
+def test_resized_crop_windows_are_redrawn_until_they_fit_not_clipped():
+    """Windows follow torchvision's rule (redraw until the window fits) and are never clipped:
+    their area fractions have the distribution of that rule (clipping piles large draws up on
+    smaller, squarer windows: about a quarter of the draws at scale 0.5-1), stay in ``scale``,
+    and are placed uniformly."""
+    n, h, w = 20_000, 28, 28
+    top, left, ch, cw = map(np.asarray, jax.jit(
+        augment.resized_crop_windows, static_argnums=(1, 2, 3, 4))(
+        jax.random.PRNGKey(0), n, h, w, (0.5, 1.0)))
+    assert (top >= 0).all() and (left >= 0).all()
+    assert (top + ch <= h + 1e-4).all() and (left + cw <= w + 1e-4).all()
+    ratio = cw / ch
+    assert ratio.min() >= 3 / 4 - 1e-4 and ratio.max() <= 4 / 3 + 1e-4
+    frac = ch * cw / (h * w)
+    assert frac.min() >= 0.5 - 1e-4 and frac.max() <= 1.0 + 1e-4
+    ref = np_rrc_areas(np.random.default_rng(0), 5_000, h, w, (0.5, 1.0))
+    got = np.histogram(frac, bins=5, range=(0.5, 1.0 + 1e-6))[0] / n
+    want = np.histogram(ref, bins=5, range=(0.5, 1.0 + 1e-6))[0] / len(ref)
+    np.testing.assert_allclose(got, want, atol=0.02)
+    np.testing.assert_allclose(np.mean(top / (h - ch + 1e-9)), 0.5, atol=0.02)
+
+
 def test_jitter_zero_strength_is_identity_and_range_is_kept():
     x = images()
     same = augment.random_brightness_contrast(jax.random.PRNGKey(5), jnp.asarray(x), 0.0)
