@@ -97,6 +97,10 @@ def test_fast_and_optimized_compiles_give_the_same_results(tiny_ds, monkeypatch)
     np.testing.assert_allclose(fast.acc, opt.acc, atol=1e-6)
     np.testing.assert_allclose(fast.block_loss, opt.block_loss, rtol=1e-5)
     np.testing.assert_array_equal(fast.acc, auto.acc)
+    # a learner that prepares its evaluation (GDumb retrains) has unseen work: optimise
+    gdumb = run(tiny_ds, "gdumb", [0], cost=True)
+    assert gdumb.extra["compile"]["estimated_work_flops"] is None
+    assert not gdumb.extra["compile"]["fast"]
 
 
 def test_accuracy_matrix_and_schedule(tiny_ds):
