@@ -91,9 +91,9 @@ def test_fast_and_optimized_compiles_give_the_same_results(tiny_ds, monkeypatch)
     auto = run(tiny_ds, "er", [0, 1], cost=True)
     assert fast.extra["compile"]["fast"] and not opt.extra["compile"]["fast"]
     assert auto.extra["compile"]["fast"]  # a tiny stream: seconds of work at most
-    # the estimate is one member's update x steps x members: no device or eval-batch term
+    # the estimate is one member's update x steps: no member, device or eval-batch term
     assert auto.extra["compile"]["estimated_work_flops"] == (
-        auto.extra["compute"]["flops_per_step"] * auto.total_steps * 2)
+        auto.extra["compute"]["flops_per_step"] * auto.total_steps)
     np.testing.assert_allclose(fast.acc, opt.acc, atol=1e-6)
     np.testing.assert_allclose(fast.block_loss, opt.block_loss, rtol=1e-5)
     np.testing.assert_array_equal(fast.acc, auto.acc)
@@ -101,6 +101,19 @@ def test_fast_and_optimized_compiles_give_the_same_results(tiny_ds, monkeypatch)
     gdumb = run(tiny_ds, "gdumb", [0], cost=True)
     assert gdumb.extra["compile"]["estimated_work_flops"] is None
     assert not gdumb.extra["compile"]["fast"]
+
+
+def test_auto_compile_choice_does_not_depend_on_the_sweep_size(tiny_ds, monkeypatch):
+    """A member of a sweep compiles as the single run with its seed would, even where the
+    sweep's total work is long and one member's is short, so their numbers match bitwise."""
+    single = run(tiny_ds, "er", [3], cost=True)
+    work = single.extra["compile"]["estimated_work_flops"]
+    # the threshold between one member's work and four members'
+    monkeypatch.setattr(driver, "AUTO_FAST_BELOW_S", 2 * work / driver.AUTO_CPU_FLOPS)
+    single = run(tiny_ds, "er", [3])
+    sweep = run(tiny_ds, "er", [0, 1, 2, 3])
+    assert single.extra["compile"]["fast"] and sweep.extra["compile"]["fast"]
+    np.testing.assert_array_equal(sweep.acc[3], single.acc[0])
 
 
 def test_accuracy_matrix_and_schedule(tiny_ds):
