@@ -88,7 +88,10 @@ NOTES = """## Notes on the numbers
   `python -m benchmarks.torch_agem --data-dir ../shared/data --seeds 0,1,2,3,4 --ref-draw
   cyclic`, written from the paper and Avalanche's protocol and sharing no code with ocljax,
   gives **0.798 ± 0.012** (per seed 0.786, 0.802, 0.795, 0.817, 0.791;
-  `docs/bench/torch_agem_cyclic.json`). Its seeds spread three times wider than ocljax's, and
+  `docs/bench/torch_agem_cyclic.json`), and with the preset's random draw (`--ref-draw random`)
+  **0.795 ± 0.006** (per seed 0.794, 0.800, 0.785, 0.799, 0.795;
+  `docs/bench/torch_agem_random.json`), 0.5 points above ocljax's 0.789 with the same draw.
+  The cyclic loop's seeds spread three times wider than ocljax's, and
   one of them (0.817) is above 0.81: Avalanche's single run lies within one standard
   deviation of the PyTorch loop's distribution, and ocljax's cyclic mean lies 0.5 points (0.4
   of that standard deviation) from the loop's. So the protocol, run twice independently, gives
