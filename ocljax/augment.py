@@ -136,12 +136,16 @@ def parse(spec: str) -> tuple[tuple[str, float], ...]:
 SPATIAL = ("crop", "flip", "rrc")  # augmentations that move pixels
 
 
+def moves_pixels(spec: str) -> bool:
+    """Whether ``spec`` (see ``parse``) has a crop, flip or random resized crop."""
+    return any(name in SPATIAL for name, _ in parse(spec))
+
+
 def without_spatial(spec: str) -> str:
     """``spec`` without its pixel-moving parts (crop, flip, random resized crop): what remains
     meaningful when the inputs are pixel permutations (``"none"`` if nothing remains)."""
-    kept = [p.strip() for p in spec.split(",")
-            if p.strip() and p.strip() != "none" and p.strip().rstrip("0123456789") not in SPATIAL]
-    return ",".join(kept) or "none"
+    parts = (p.strip() for p in spec.split(","))
+    return ",".join(p for p in parts if p and not moves_pixels(p) and parse(p)) or "none"
 
 
 def augment(key: Array, x: Array, spec: str) -> Array:

@@ -105,8 +105,7 @@ def check_augment(name: str, stream_kind: str, cfg: object = None) -> None:
     from ocljax import augment as augment_lib  # imports jax: not at registry import time
 
     spec = getattr(cfg if cfg is not None else get(name).Config(), "augment", None)
-    if stream_kind == "permuted" and spec is not None and \
-            augment_lib.without_spatial(spec) != (spec.strip() or "none"):
+    if stream_kind == "permuted" and spec is not None and augment_lib.moves_pixels(spec):
         raise ConfigError(
             f"{name}: augment={spec!r} moves pixels, but {PERMUTED_AUGMENT_WHY}; use "
             f"--set augment={augment_lib.without_spatial(spec)}")
@@ -119,12 +118,11 @@ def fit_augment_to_stream(name: str, cfg, stream_kind: str, explicit: bool):
     from ocljax import augment as augment_lib
 
     spec = getattr(cfg, "augment", None)
-    if stream_kind != "permuted" or spec is None or explicit:
-        check_augment(name, stream_kind, cfg)
+    if stream_kind != "permuted" or spec is None or not augment_lib.moves_pixels(spec):
         return cfg, None
+    if explicit:
+        check_augment(name, stream_kind, cfg)  # raises
     kept = augment_lib.without_spatial(spec)
-    if kept == (spec.strip() or "none"):
-        return cfg, None
     return dataclasses.replace(cfg, augment=kept), (
         f"{name}: augment {spec!r} -> {kept!r} on this permuted stream ({PERMUTED_AUGMENT_WHY})")
 

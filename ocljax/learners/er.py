@@ -83,21 +83,22 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(f"unknown replay_loss {mode!r}; choose one of {', '.join(REPLAY_LOSSES)}")
 
 
-def replay_loss_weights(mode: str, n_stream: int, replay_weights: Array) -> Array:
-    """Per-row weights [B + R'] of the cross-entropy over ``B`` incoming rows followed by
+def replay_loss_weights(mode: str, n_stream: int, replay_weights: Array) -> tuple[Array, Array]:
+    """``(weights [B + R'], norm)`` of the cross-entropy over ``B`` incoming rows followed by
     replayed rows whose own weights are ``replay_weights`` [R'] (the replay mask, or a mask split
-    over several views of each row: weights of one replayed row sum to 1).
+    over several views of each row: weights of one replayed row sum to 1). The loss is
+    ``sum(weights * per_row_ce) / norm``.
 
-    ``joint``: every row ``1 / (B + sum(replay_weights))`` (one mean over stream and replay);
-    ``sum``: incoming rows ``1 / B``, replayed rows ``w / max(sum(replay_weights), 1)`` (the mean
-    of each part, added). The loss is ``sum(weights * per_row_ce)``.
+    ``joint``: every row weighs 1 (its replay weight), ``norm = B + sum(replay_weights)`` (one
+    mean over stream and replay); ``sum``: incoming rows ``1 / B``, replayed rows
+    ``w / max(sum(replay_weights), 1)``, ``norm = 1`` (the mean of each part, added).
     """
     w = replay_weights.astype(jnp.float32)
     stream = jnp.ones((n_stream,), jnp.float32)
     if mode == "joint":
-        return jnp.concatenate([stream, w]) / (n_stream + w.sum())
+        return jnp.concatenate([stream, w]), n_stream + w.sum()
     if mode == "sum":
-        return jnp.concatenate([stream / n_stream, w / jnp.maximum(w.sum(), 1.0)])
+        return jnp.concatenate([stream / n_stream, w / jnp.maximum(w.sum(), 1.0)]), 1.0
     raise ConfigError(f"unknown replay_loss {mode!r}; choose one of {', '.join(REPLAY_LOSSES)}")
 
 
@@ -111,16 +112,15 @@ def replay_step(model: Model, cfg, net: NetState, stream: dict, replay: dict, re
     x = jnp.concatenate([stream["x"], replay["x"]])
     y = jnp.concatenate([stream["y"], replay["y"]])
     n_stream = stream["y"].shape[0]
-    mode = getattr(cfg, "replay_loss", "joint")
-    if mode == "joint":
+    if cfg.replay_loss == "joint":
         mask = jnp.concatenate([jnp.ones((n_stream,), bool), replay_mask])
         return cross_entropy_step(model, cfg.optimizer, net, x, y, mask, lr)
-    weights = replay_loss_weights(mode, n_stream, replay_mask)
+    weights, norm = replay_loss_weights(cfg.replay_loss, n_stream, replay_mask)
 
     def loss_fn(params, model_state):
         logits, _, model_state = model.apply(params, model_state, x, True)
         per_row = optax.softmax_cross_entropy_with_integer_labels(logits, y)
-        return (weights * per_row).sum(), (logits, model_state)
+        return (weights * per_row).sum() / norm, (logits, model_state)
 
     return gradient_step(cfg.optimizer, net, loss_fn, lr)
 

@@ -191,11 +191,7 @@ def update_state(model: Model, cfg: Config, state: State, batch: Batch, hp, key)
     m = replay_mask.astype(jnp.float32)
     n_stream = batch.y.shape[0]
     views = jnp.concatenate([(1.0 - hp.adv_weight) * m, hp.adv_weight * m])
-    if cfg.replay_loss == "joint":  # one mean over stream and replay rows
-        weights = jnp.concatenate([jnp.ones((n_stream,), jnp.float32), views])
-        norm = n_stream + m.sum()
-    else:
-        weights, norm = er.replay_loss_weights(cfg.replay_loss, n_stream, views), 1.0
+    weights, norm = er.replay_loss_weights(cfg.replay_loss, n_stream, views)
 
     def loss_fn(params, model_state):
         logits, _, model_state = model.apply(params, model_state, x, True)
