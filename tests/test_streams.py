@@ -69,6 +69,21 @@ def test_schedule_blocks_align_task_ends_and_pad():
     assert len(chunks) == 3 and chunks[-1].eval_kind.tolist() == [2, 0]
 
 
+@pytest.mark.parametrize("kw", [
+    dict(task_batches=[5, 3], passes=2, eval_every=4),
+    dict(task_batches=[7, 1, 9], passes=1, eval_every=0),
+    dict(task_batches=[30, 11], passes=3, eval_every=20, dense_every=5, dense_window=10),
+])
+def test_valid_steps_are_a_prefix_of_every_block(kw):
+    # the driver runs each block as a loop over its first valid.sum() steps
+    sch = schedule.build(**kw)
+    chunks = list(schedule.chunks(sch, np.zeros((1, sum(kw["task_batches"]), 2), np.int32),
+                                  blocks_per_chunk=3))
+    for valid in [sch.steps.valid, *(c.steps.valid for c in chunks)]:
+        n = valid.sum(1, keepdims=True)
+        assert (valid == (np.arange(valid.shape[1]) < n)).all()
+
+
 @pytest.mark.parametrize("kw, message", [
     ({"n_tasks": 3}, "cannot be split into 3"),
     ({"batch_size": 100}, "fewer than batch_size"),

@@ -75,13 +75,16 @@ def sample_indices(key: Array, population: Array, n: int) -> tuple[Array, Array]
     the population size, so it is cheap inside a scan. Returns ``(indices [n] int32,
     mask [n] bool)``; masked-out entries (when ``population < n``) hold index 0.
     """
-    keys = jax.random.split(key, n)
+    # Draw k is randint(split(key, n)[k], 0, max(j_k, 0) + 1): all n draws in one vmapped
+    # call (one random-bits computation in the program instead of n, which made the compiled
+    # step several times larger), then Floyd's sequential rule over them.
+    j = population - n + jnp.arange(n, dtype=jnp.int32)
+    draws = jax.vmap(lambda k, hi: jax.random.randint(k, (), 0, hi))(
+        jax.random.split(key, n), jnp.maximum(j, 0) + 1)
     picked = jnp.full((n,), -1, jnp.int32)
     for k in range(n):
-        j = population - n + k
-        draw = jax.random.randint(keys[k], (), 0, jnp.maximum(j, 0) + 1)
-        dup = jnp.any((picked == draw) & (jnp.arange(n) < k))
-        picked = picked.at[k].set(jnp.where(j < 0, -1, jnp.where(dup, j, draw)))
+        dup = jnp.any((picked == draws[k]) & (jnp.arange(n) < k))
+        picked = picked.at[k].set(jnp.where(j[k] < 0, -1, jnp.where(dup, j[k], draws[k])))
     mask = picked >= 0
     return jnp.maximum(picked, 0), mask
 

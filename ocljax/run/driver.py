@@ -5,7 +5,7 @@ Layout of one compiled call (a *chunk*)::
     shard_map over devices (member axis split across them)
       vmap over members (seeds x hyperparameter grid; schedule values stay unbatched)
         scan over evaluation blocks
-          scan over the block's steps: cond(valid) -> learner.update   (online accuracy too)
+          loop over the block's valid steps -> learner.update   (online accuracy too)
           switch(eval kind): nothing | continual subset | full test sets at a task's end
 
 The training pool and the test subsets are uploaded once; the host sends only index chunks
@@ -275,54 +275,59 @@ class Program:
                 view, sample = idx_s // n_pool, idx_s % n_pool  # virtual index -> view, sample
                 return stream.transform(aux, view, train_x[sample]), train_y[sample]
 
-            def train_step(carry, s):
-                (state, seen), counts, loss_sum, n, bad_t = carry
-                idx_s, fidx_s, info = s
-
-                def do(st_seen):
-                    st, seen = st_seen
-                    x, y = fetch(idx_s)
-                    batch = Batch(
-                        x, y,
-                        task=jnp.zeros_like(info.task) if hide else info.task,
-                        boundary=jnp.zeros_like(info.boundary) if hide else info.boundary,
-                        t=info.t, fresh=info.fresh,
-                    )
-                    new, metrics = learner.update(st, batch, hp, jax.random.fold_in(step_key,
-                                                                                    info.t))
-                    logits = metrics.get("stream_logits")
-                    if logits is None:
-                        logits = learner.predict(st, x, hp)
-                    zero = jnp.zeros((), jnp.int32)
-                    guess = blind.predict_labels(seen, num_classes, y.shape[0]) if track else None
-                    hits = [(jnp.argmax(logits, -1) == y).sum() * info.fresh, zero,
-                            (guess == y).sum() * info.fresh if track else zero, zero]
-                    if near_future:  # the pre-update model on the batch S batches ahead
-                        xf, yf = fetch(fidx_s)
-                        ahead = info.future >= 0
-                        hits[1] = (jnp.argmax(learner.predict(st, xf, hp), -1) == yf).sum() * ahead
-                        if track:
-                            hits[3] = (guess == yf).sum() * ahead
+            def train_step(state, seen, info, idx_s, fidx_s):
+                """One valid step: the update, and the step's online tallies."""
+                x, y = fetch(idx_s)
+                batch = Batch(
+                    x, y,
+                    task=jnp.zeros_like(info.task) if hide else info.task,
+                    boundary=jnp.zeros_like(info.boundary) if hide else info.boundary,
+                    t=info.t, fresh=info.fresh,
+                )
+                new, metrics = learner.update(state, batch, hp,
+                                              jax.random.fold_in(step_key, info.t))
+                logits = metrics.get("stream_logits")
+                if logits is None:
+                    logits = learner.predict(state, x, hp)
+                zero = jnp.zeros((), jnp.int32)
+                guess = blind.predict_labels(seen, num_classes, y.shape[0]) if track else None
+                hits = [(jnp.argmax(logits, -1) == y).sum() * info.fresh, zero,
+                        (guess == y).sum() * info.fresh if track else zero, zero]
+                if near_future:  # the pre-update model on the batch S batches ahead
+                    xf, yf = fetch(fidx_s)
+                    ahead = info.future >= 0
+                    hits[1] = (jnp.argmax(learner.predict(state, xf, hp), -1) == yf).sum() * ahead
                     if track:
-                        seen = blind.observe(seen, y, info.fresh)
-                    hits = jnp.stack(hits).astype(jnp.int32)
-                    return (new, seen), hits, metrics["loss"].astype(jnp.float32)
+                        hits[3] = (guess == yf).sum() * ahead
+                if track:
+                    seen = blind.observe(seen, y, info.fresh)
+                hits = jnp.stack(hits).astype(jnp.int32)
+                return new, seen, hits, metrics["loss"].astype(jnp.float32)
 
-                def skip(st_seen):
-                    return st_seen, jnp.zeros((4,), jnp.int32), jnp.zeros((), jnp.float32)
+            def train_block(start, seen, counts, idx_b, fidx_b, info_b):
+                """The block's valid steps, which are a prefix (the schedule pads a block only
+                at its end), as a loop of ``valid.sum()`` iterations: no per-step ``cond``,
+                which made XLA copy the state (the first layer's weights) at every step."""
+                n_valid = info_b.valid.sum(dtype=jnp.int32)
 
-                carried, hits, loss = jax.lax.cond(info.valid, do, skip, (state, seen))
-                bad_t = jnp.where((bad_t < 0) & info.valid & ~jnp.isfinite(loss), info.t, bad_t)
-                return (carried, counts + hits, loss_sum + loss, n + info.valid, bad_t), None
+                def body(c):
+                    i, state, seen, counts, loss_sum, bad_t = c
+                    info, idx_s, fidx_s = jax.tree.map(lambda a: a[i], (info_b, idx_b, fidx_b))
+                    state, seen, hits, loss = train_step(state, seen, info, idx_s, fidx_s)
+                    bad_t = jnp.where((bad_t < 0) & ~jnp.isfinite(loss), info.t, bad_t)
+                    return i + 1, state, seen, counts + hits, loss_sum + loss, bad_t
+
+                zero, none = jnp.zeros((), jnp.float32), jnp.full((), -1, jnp.int32)
+                _, state, seen, counts, loss_sum, bad_t = jax.lax.while_loop(
+                    lambda c: c[0] < n_valid, body,
+                    (jnp.zeros((), jnp.int32), start, seen, counts, zero, none))
+                return state, seen, counts, loss_sum, n_valid, bad_t
 
             def block(carry, b):
                 (start, seen, health), counts = carry
                 idx_b, fidx_b, info_b, kind, t_end = b
-                zero, none = jnp.zeros((), jnp.float32), jnp.full((), -1, jnp.int32)
-                ((state, seen), counts, loss_sum, n, bad_t), _ = jax.lax.scan(
-                    train_step, ((start, seen), counts, zero, jnp.zeros((), jnp.int32), none),
-                    (idx_b, fidx_b, info_b)
-                )
+                state, seen, counts, loss_sum, n, bad_t = train_block(start, seen, counts,
+                                                                      idx_b, fidx_b, info_b)
                 state, health = isolate_divergence(start, state, health, bad_t, t_end)
                 carried = (state, seen, health)
                 k = jax.random.fold_in(eval_key, t_end)

@@ -1,7 +1,8 @@
 """The shared step schedule of a stream, laid out in evaluation blocks and chunks.
 
 Every task's steps are cut into blocks of ``eval_every`` steps; the last block of a task is
-padded with invalid (no-op) steps so that task ends coincide with block ends. Each block ends
+padded at its end with invalid (no-op) steps so that task ends coincide with block ends (the
+valid steps of every block are a prefix of it: the driver loops over them). Each block ends
 with an evaluation: on the full test sets at a task's end (these give the accuracy matrix) and on
 a fixed subsample otherwise (the continual-evaluation curve). With ``eval_every=0`` only task
 ends are evaluated: tasks are cut into blocks of ``TASK_END_BLOCK`` steps whose evaluation is
