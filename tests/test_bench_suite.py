@@ -59,3 +59,9 @@ def test_compile_modes_benchmark_writes_its_ratios(tmp_path):
     assert res["compile_fast_over_optimized"] > 0 and res["run_fast_over_optimized"] > 0
     accs = {round(r["final_average_accuracy"], 3) for r in res["rows"]}
     assert len(accs) == 1  # the two compilations agree to rounding
+
+
+def test_compile_section_runs_a_learner_without_a_learning_rate():
+    # the input-blind baseline has no lr to grid over; the section once crashed on it
+    out = suite.run_compile({"learners": ["blind"]})
+    assert out["blind"]["traces"] == 1 and out["blind"]["compile_s"] > 0
