@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from ocljax.memory import reservoir
 
@@ -52,17 +53,35 @@ def test_vectorised_add_matches_sequential_algorithm_r():
     assert int(state.n_seen) == seen
 
 
-def test_sample_indices_distinct_in_range_and_uniform():
+@pytest.mark.parametrize("n, population", [(5, 20), (40, 160)])
+def test_sample_indices_distinct_in_range_and_uniform(n, population):
     keys = jax.random.split(jax.random.PRNGKey(1), 3000)
-    idx, mask = jax.vmap(lambda k: reservoir.sample_indices(k, jnp.int32(20), 5))(keys)
+    idx, mask = jax.vmap(lambda k: reservoir.sample_indices(k, jnp.int32(population), n))(keys)
     idx = np.asarray(idx)
     assert np.asarray(mask).all()
-    assert all(len(set(r)) == 5 for r in idx)
-    assert idx.min() >= 0 and idx.max() < 20
-    freq = np.bincount(idx.ravel(), minlength=20) / 3000
-    assert np.abs(freq - 0.25).max() < 0.05
+    assert all(len(set(r)) == n for r in idx)
+    assert idx.min() >= 0 and idx.max() < population
+    freq = np.bincount(idx.ravel(), minlength=population) / 3000
+    assert np.abs(freq - n / population).max() < 0.05
     # a population smaller than n: all of it, once each, the rest masked
-    idx, mask = reservoir.sample_indices(jax.random.PRNGKey(0), jnp.int32(3), 5)
+    idx, mask = reservoir.sample_indices(jax.random.PRNGKey(0), jnp.int32(3), n)
     assert sorted(np.asarray(idx)[np.asarray(mask)]) == [0, 1, 2]
-    _, mask = reservoir.sample_indices(jax.random.PRNGKey(0), jnp.int32(0), 5)
+    _, mask = reservoir.sample_indices(jax.random.PRNGKey(0), jnp.int32(0), n)
     assert not np.asarray(mask).any()
+
+
+@pytest.mark.parametrize("n", [1, 7, 64])
+def test_sample_indices_follows_floyds_sequential_rule(n):
+    # the parallel resolution of duplicates picks what Floyd's loop picks from the same draws
+    for seed in range(40):
+        key = jax.random.PRNGKey(seed)
+        population = [0, 3, n, n + 5, 4 * n, 1000][seed % 6]
+        keys = jax.random.split(key, n)
+        picked = []
+        for k in range(n):
+            j = population - n + k
+            draw = int(jax.random.randint(keys[k], (), 0, max(j, 0) + 1))
+            if j >= 0:
+                picked.append(j if draw in picked else draw)
+        idx, mask = reservoir.sample_indices(key, jnp.int32(population), n)
+        assert list(np.asarray(idx)[np.asarray(mask)]) == picked

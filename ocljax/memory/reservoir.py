@@ -75,16 +75,29 @@ def sample_indices(key: Array, population: Array, n: int) -> tuple[Array, Array]
     the population size, so it is cheap inside a scan. Returns ``(indices [n] int32,
     mask [n] bool)``; masked-out entries (when ``population < n``) hold index 0.
     """
-    # Draw k is randint(split(key, n)[k], 0, max(j_k, 0) + 1): all n draws in one vmapped
-    # call (one random-bits computation in the program instead of n, which made the compiled
-    # step several times larger), then Floyd's sequential rule over them.
+    # Draw k is randint(split(key, n)[k], 0, max(j_k, 0) + 1), all n in one vmapped call.
+    # Floyd's rule keeps draw k unless it was picked before, when it takes j_k instead. That
+    # sequential rule is resolved in parallel here (the same picks, tested against the loop;
+    # a loop of n steps, or n unrolled random draws, made SCR's compiled step many times
+    # larger): draw k is a duplicate iff an earlier live draw equals it (if that one was
+    # itself replaced, its value was already picked), or the earlier i with j_i == draw k was
+    # replaced. The second case follows a chain of strictly decreasing i, which pointer
+    # jumping resolves in ceil(log2 n) rounds.
     j = population - n + jnp.arange(n, dtype=jnp.int32)
     draws = jax.vmap(lambda k, hi: jax.random.randint(k, (), 0, hi))(
         jax.random.split(key, n), jnp.maximum(j, 0) + 1)
-    picked = jnp.full((n,), -1, jnp.int32)
-    for k in range(n):
-        dup = jnp.any((picked == draws[k]) & (jnp.arange(n) < k))
-        picked = picked.at[k].set(jnp.where(j[k] < 0, -1, jnp.where(dup, j[k], draws[k])))
+    order = jnp.arange(n, dtype=jnp.int32)
+    live = j >= 0  # steps with j < 0 (population < n) pick nothing
+    earlier = order[None, :] < order[:, None]  # [k, i]: i before k
+    dup = jnp.any((draws[None, :] == draws[:, None]) & earlier & live[None, :], axis=1)
+    ptr = draws - (population - n)  # the step i whose j_i equals draw k
+    ptr = jnp.where((ptr >= 0) & (ptr < order), ptr, -1)
+    for _ in range(max(1, (n - 1).bit_length())):
+        linked = ptr >= 0
+        at = jnp.maximum(ptr, 0)
+        dup = dup | (linked & dup[at])
+        ptr = jnp.where(linked, ptr[at], -1)
+    picked = jnp.where(live, jnp.where(dup, j, draws), -1)
     mask = picked >= 0
     return jnp.maximum(picked, 0), mask
 
