@@ -83,10 +83,10 @@ def sample_indices(key: Array, population: Array, n: int) -> tuple[Array, Array]
     # itself replaced, its value was already picked), or the earlier i with j_i == draw k was
     # replaced. The second case follows a chain of strictly decreasing i, which pointer
     # jumping resolves in ceil(log2 n) rounds.
-    j = population - n + jnp.arange(n, dtype=jnp.int32)
+    order = jnp.arange(n, dtype=jnp.int32)
+    j = population - n + order
     draws = jax.vmap(lambda k, hi: jax.random.randint(k, (), 0, hi))(
         jax.random.split(key, n), jnp.maximum(j, 0) + 1)
-    order = jnp.arange(n, dtype=jnp.int32)
     live = j >= 0  # steps with j < 0 (population < n) pick nothing
     earlier = order[None, :] < order[:, None]  # [k, i]: i before k
     dup = jnp.any((draws[None, :] == draws[:, None]) & earlier & live[None, :], axis=1)
