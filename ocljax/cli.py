@@ -79,6 +79,9 @@ def build_parser(prog: str, description: str, preset: dict) -> argparse.Argument
                    help="compile effort on a CPU: fast (LLVM optimisation off, ~40%% less "
                    "compile time), optimized, or auto (default: fast for runs of a few seconds "
                    "of work)")
+    p.add_argument("--compile-workers", type=int, dest="compile_workers", metavar="N",
+                   help="threads that compile the variants ahead of their turn (default: one "
+                   "per CPU core, at most 8; 1: compile each variant just before it runs)")
     p.add_argument("--seeds", type=int, help="number of seeds (members per grid point)")
     p.add_argument("--seed", type=int, help="first seed; member i uses seed + i")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
@@ -324,6 +327,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "ocljax", description
                 checkpoint_every=args.checkpoint_every, keep_checkpoints=args.keep_checkpoints,
                 probe_per_class=args.probe_per_class, should_stop=stop,
                 blocks_per_chunk=args.chunk_blocks, compile_mode=args.compile_mode,
+                compile_workers=args.compile_workers,
             )
     except OCLError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)

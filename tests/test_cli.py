@@ -140,7 +140,7 @@ def test_corrupt_data_file_is_named(tmp_path, capsys):
 def test_interrupted_experiment_keeps_finished_variants(tmp_path, monkeypatch, capsys):
     from ocljax.run import experiment
 
-    real, calls = experiment.driver.run, []
+    real, calls = experiment.driver.execute, []
 
     def interrupt_second(*args, **kw):
         calls.append(1)
@@ -148,7 +148,7 @@ def test_interrupted_experiment_keeps_finished_variants(tmp_path, monkeypatch, c
             raise KeyboardInterrupt
         return real(*args, **kw)
 
-    monkeypatch.setattr(experiment.driver, "run", interrupt_second)
+    monkeypatch.setattr(experiment.driver, "execute", interrupt_second)
     out = tmp_path / "run"
     assert main([*TINY, "--learner", "er,er@iid", "--out", str(out)], prog="t") == 130
     assert "marked incomplete" in capsys.readouterr().err

@@ -480,7 +480,8 @@ def run(
     should_stop: Callable[[], bool] | None = None,
     compile_mode: str = "auto",
 ) -> RunResult:
-    """Train ``len(seeds)`` members through ``stream`` and evaluate them continually.
+    """Train ``len(seeds)`` members through ``stream`` and evaluate them continually:
+    ``execute(compile_sweep(...), ...)``.
 
     hparams: one learner HParams per member; seeds: one seed per member (the stream must have
     been built for the same seeds, in the same order). Task ids and boundaries are hidden from
@@ -509,6 +510,102 @@ def run(
     choice made, and the XLA options it gave every program, are in
     ``result.extra["compile"]``.
     """
+    sweep = compile_sweep(
+        learner, stream, dataset, hparams, seeds, n_devices=n_devices,
+        blocks_per_chunk=blocks_per_chunk, eval_batch=eval_batch, precision=precision, log=log,
+        memory_limit=memory_limit, cost=cost, compile_mode=compile_mode,
+        fresh=checkpoint is None or not checkpoint.exists())
+    return execute(sweep, progress=progress, log=log, keep_state=keep_state,
+                   checkpoint=checkpoint, should_stop=should_stop)
+
+
+@dataclass
+class Sweep:
+    """A sweep compiled and checked against device memory, not started yet: what
+    ``compile_sweep`` returns and ``execute`` runs. It holds only the members' hyperparameters,
+    keys and stream arguments on the devices; several can be compiled at once, each on its own
+    thread (``ocljax.run.experiment`` compiles an experiment's variants that way)."""
+
+    learner: Learner
+    stream: Stream
+    dataset: Dataset
+    seeds: tuple
+    precision: str
+    program: Program
+    mesh: jax.sharding.Mesh
+    padded: int  # Mp: members padded to a multiple of the device count
+    hp: object  # [Mp] device arrays
+    keys: Array
+    aux: object
+    example_x: Array
+    blocks_per_chunk: int
+    host_pools: tuple
+    abstract: object  # the carried state's shapes and shardings
+    chunk: object  # the compiled chunk program
+    init: object  # the compiled initialisation and initial evaluation (None when resuming)
+    initial_eval: object
+    plan: MemoryPlan
+    eval_batch: int
+    options: dict | None  # XLA options of every program of the run
+    compile_info: dict  # ``result.extra["compile"]``
+    step_flops: float | None  # one member's update FLOPs when ``cost`` was asked for
+    cost: bool
+    compile_s: float  # wall time of ``compile_sweep``
+
+    @property
+    def members(self) -> int:
+        return len(self.seeds)
+
+    def put_members(self, tree):
+        return put_global(pad_members(tree, self.padded), NamedSharding(self.mesh, P(AXIS)))
+
+    def put_shared(self, tree):
+        return put_global(tree, NamedSharding(self.mesh, P()))
+
+    def chunk_args(self, state, chunk, pools):
+        """The compiled chunk's arguments for ``chunk`` of the stream."""
+        idx = self.put_members(chunk.idx)
+        fidx = None if chunk.future_idx is None else self.put_members(chunk.future_idx)
+        steps, kind, end = self.put_shared((chunk.steps, chunk.eval_kind, chunk.end_step))
+        return (state, self.hp, self.keys, self.aux, idx, fidx, steps, kind, end, pools)
+
+    def compile_init(self):
+        """The initialisation and the initial evaluation, compiled here if ``compile_sweep``
+        did not (it skips them for a run that resumes; an unreadable checkpoint starts over)."""
+        with precision_lib.matmul_precision(self.precision):
+            if self.init is None:
+                self.init = self.program.init.lower(self.keys, self.hp,
+                                                    self.example_x).compile(self.options)
+            if self.initial_eval is None:
+                pool = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
+                    a.shape, a.dtype, sharding=NamedSharding(self.mesh, P())),
+                    self.host_pools[2])
+                self.initial_eval = self.program.initial_eval.lower(
+                    self.abstract, self.hp, self.keys, self.aux, pool).compile(self.options)
+
+
+def compile_sweep(
+    learner: Learner,
+    stream: Stream,
+    dataset: Dataset,
+    hparams: Sequence,
+    seeds: Sequence[int],
+    *,
+    n_devices: int | None = None,
+    blocks_per_chunk: int | None = None,
+    eval_batch: int | None = None,
+    precision: str = "float32",
+    log: Callable[[str], None] | None = None,
+    memory_limit: int | None = None,
+    cost: bool = False,
+    compile_mode: str = "auto",
+    fresh: bool = True,
+) -> Sweep:
+    """Compile a sweep's programs and check its memory plan, allocating nothing but the
+    members' hyperparameters and keys (see ``run`` for the arguments; ``fresh=False`` skips
+    the initialisation and the initial evaluation, which a resumed run does not need).
+    Raises ``ConfigError`` when the sweep does not fit. Safe to call on several threads at
+    once: XLA compiles without the GIL, so a many-core host compiles sweeps in parallel."""
     check_compile_mode(compile_mode)
     M = len(seeds)
     if len(hparams) != M or stream.n_members != M:
@@ -516,6 +613,8 @@ def run(
             f"{M} seeds, {len(hparams)} hyperparameter sets and a stream for "
             f"{stream.n_members} members: they must match"
         )
+    log = log or (lambda msg: None)
+    t0 = time.perf_counter()
     with precision_lib.matmul_precision(precision):
         # one member's update FLOPs: the compute accounting's, and (CPU) the compile effort's
         # work estimate; the lowered count is cheap on a CPU, elsewhere it needs a compile
@@ -524,22 +623,20 @@ def run(
             if cost or (backend == "cpu" and compile_mode == "auto") else None
         work = estimated_work(learner, stream, step_flops)
         options = compiler_options(compile_mode, backend, work)
-        if options and log is not None:
+        if options:
             log(f"compiling fast (XLA optimisation off): --compile {compile_mode}"
                 + (f", about {work / AUTO_CPU_FLOPS:.1f} s of work per member" if work else ""))
-        result = _run(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chunk,
-                      eval_batch, progress, log or (lambda msg: None), keep_state, memory_limit,
-                      checkpoint, should_stop, options)
-        result.extra["compile"] = {"mode": compile_mode, "fast": bool(options),
-                                   "options": options, "estimated_work_flops": work}
-        if cost:
-            result.extra["compute"] = compute_costs(stream, step_flops, result)
-        return result
+        sweep = _compile(learner, stream, dataset, hparams, tuple(seeds), n_devices,
+                         blocks_per_chunk, eval_batch, log, memory_limit, options, fresh)
+    sweep.precision, sweep.step_flops, sweep.cost = precision, step_flops, cost
+    sweep.compile_info = {"mode": compile_mode, "fast": bool(options), "options": options,
+                          "estimated_work_flops": work}
+    sweep.compile_s = time.perf_counter() - t0
+    return sweep
 
 
-def _run(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chunk, eval_batch,
-         progress, log, keep_state, memory_limit, checkpoint, should_stop,
-         options) -> RunResult:
+def _compile(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chunk,
+             eval_batch, log, memory_limit, options, fresh) -> Sweep:
     M = len(seeds)
     mesh = local_mesh(n_devices)
     D = mesh.devices.size
@@ -549,7 +646,6 @@ def _run(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chunk, 
     put_s = partial(put_global, sharding=shared_sh)
     chosen = eval_batch  # an explicit evaluation batch is kept; the default may shrink
 
-    t0 = time.perf_counter()
     program = Program(learner, stream, mesh, Mp // D, dataset.num_classes)
     hp = put_m(pad_members(stack_members(hparams), Mp))
     keys = put_m(pad_members(np.stack([np.asarray(jax.random.PRNGKey(s)) for s in seeds]), Mp))
@@ -567,11 +663,9 @@ def _run(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chunk, 
                       dataset.test_y[stream.eval_continual], eb),
         )
 
-    def chunk_args(state, chunk, pools):
-        idx = put_m(pad_members(chunk.idx, Mp))
-        fidx = None if chunk.future_idx is None else put_m(pad_members(chunk.future_idx, Mp))
-        steps, kind, end = put_s((chunk.steps, chunk.eval_kind, chunk.end_step))
-        return (state, hp, keys, aux, idx, fidx, steps, kind, end, pools)
+    sweep = Sweep(learner, stream, dataset, seeds, "float32", program, mesh, Mp, hp, keys, aux,
+                  example_x, bpc, (), None, None, None, None, None, 0, None, {}, None, False,
+                  0.0)
 
     # Compile against the abstract state and check the memory plan before allocating. When
     # the default evaluation batch is what does not fit, shrink it (results do not depend on
@@ -583,13 +677,12 @@ def _run(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chunk, 
     abstract = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=member_sh), abstract)
     eval_batch = chosen or default_eval_batch(Mp // D, int(np.prod(dataset.test_x.shape[1:])))
-    fresh = checkpoint is None or not checkpoint.exists()
 
     def lower_chunk(eb):
         host = make_pools(eb)
         abstract_pools = jax.tree.map(
             lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=shared_sh), host)
-        lowered = program.chunk.lower(*chunk_args(abstract, first, abstract_pools))
+        lowered = program.chunk.lower(*sweep.chunk_args(abstract, first, abstract_pools))
         return host, abstract_pools, lowered
 
     host_pools, abstract_pools, lowered = lower_chunk(eval_batch)
@@ -628,31 +721,46 @@ def _run(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chunk, 
                 f"({hb(plan.per_member)} per member, {hb(plan.shared)} shared data); {room}"
                 "a smaller model, buffer or evaluation batch"
             )
-    except BaseException:  # no compile left queued behind a failure
+        if fresh:
+            sweep.init = init_job.result()
+            sweep.initial_eval = eval_job[1].result()
+    finally:  # no compile left queued behind a failure
         if background is not None:
             background.shutdown(wait=False, cancel_futures=True)
-        raise
-    pools = put_s(host_pools)
+    sweep.host_pools, sweep.abstract, sweep.chunk = host_pools, abstract, compiled
+    sweep.plan, sweep.eval_batch, sweep.options = plan, eval_batch, options
+    return sweep
+
+
+def execute(
+    sweep: Sweep,
+    *,
+    progress: Callable[[int, int, float], None] | None = None,
+    log: Callable[[str], None] | None = None,
+    keep_state: bool = False,
+    checkpoint: Checkpointer | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> RunResult:
+    """Run a compiled sweep (``compile_sweep``) through its stream: upload the data, initialise
+    (or resume from ``checkpoint``), run the chunks and gather the evaluations. See ``run``."""
+    log = log or (lambda msg: None)
+    stream, program, plan = sweep.stream, sweep.program, sweep.plan
+    M, Mp, bpc, keys, hp, aux = sweep.members, sweep.padded, sweep.blocks_per_chunk, \
+        sweep.keys, sweep.hp, sweep.aux
+    t0 = time.perf_counter()
+    pools = sweep.put_shared(sweep.host_pools)
     full_pool: EvalPool = pools[2]
     sched = stream.schedule
     layout = {"members": M, "padded_members": Mp, "blocks_per_chunk": bpc,
               "n_blocks": sched.n_blocks, "total_steps": sched.total_steps}
     resumed = None
     if checkpoint is not None:
-        resumed = checkpoint.restore(partial(checkpoint_target, abstract, Mp, stream.n_tasks,
-                                             layout))
-    if background is not None:
-        background.shutdown(wait=False)  # nothing more is submitted; the jobs run on
+        resumed = checkpoint.restore(partial(checkpoint_target, sweep.abstract, Mp,
+                                             stream.n_tasks, layout))
     if resumed is None:
-        # compiled in the background for a fresh run; here when a checkpoint was unreadable
-        init = (init_job.result() if init_job is not None else
-                program.init.lower(keys, hp, example_x).compile(options))
-        initial_eval = (eval_job[1].result() if eval_job is not None and
-                        eval_job[0] == eval_batch else
-                        program.initial_eval.lower(abstract, hp, keys, aux,
-                                                   full_pool).compile(options))
-        state = init(keys, hp, example_x)
-        acc0 = initial_eval(state, hp, keys, aux, full_pool)
+        sweep.compile_init()
+        state = sweep.init(keys, hp, sweep.example_x)
+        acc0 = sweep.initial_eval(state, hp, keys, aux, full_pool)
         history = History.empty(Mp, stream.n_tasks)._replace(acc0=jax.tree.map(to_host, acc0))
         acc0 = history.acc0
         next_block, run_before = 0, 0.0
@@ -663,13 +771,13 @@ def _run(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chunk, 
         next_block, run_before = int(meta["next_block"]), float(meta["run_s"])
         log(f"resumed at block {next_block} of {sched.n_blocks} "
             f"(step {int(sched.end_step[min(next_block, sched.n_blocks) - 1])})")
-    compile_s = time.perf_counter() - t0
+    compile_s = sweep.compile_s + time.perf_counter() - t0
 
     t1 = time.perf_counter()
     pending = []  # device outputs of the chunks run since the last sync to the host
-    correct_total = put_m(history.counts)
+    correct_total = sweep.put_members(history.counts)
     for chunk in stream.chunks(bpc, next_block):
-        state, correct, accs, losses = compiled(*chunk_args(state, chunk, pools))
+        state, correct, accs, losses = sweep.chunk(*sweep.chunk_args(state, chunk, pools))
         pending.append((accs, losses, int(chunk.end_step.max())))
         next_block += bpc
         correct_total = correct_total + correct
@@ -710,7 +818,7 @@ def _run(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chunk, 
     counts = history.counts[:M].astype(np.float64)  # [M, 4], see member_chunk
     nan = np.full(M, np.nan)
     blind_on = stream.cfg.blind_window > 0
-    return RunResult(
+    result = RunResult(
         acc=evals("acc"),
         task_aware=evals("task_aware"),
         cumulative=evals("cumulative"),
@@ -731,8 +839,12 @@ def _run(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chunk, 
         diverged_step=to_host(state[2])[:M, 0].astype(np.int64),
         diverged_cause=to_host(state[2])[:M, 1].astype(np.int64),
         extra={"memory": dataclasses.asdict(plan) | {"per_member": plan.per_member},
-               "eval_batch": eval_batch, "padded_members": Mp},
+               "eval_batch": sweep.eval_batch, "padded_members": Mp,
+               "compile": sweep.compile_info},
     )
+    if sweep.cost:
+        result.extra["compute"] = compute_costs(stream, sweep.step_flops, result)
+    return result
 
 
 def xla_flops(program) -> float | None:
@@ -866,5 +978,5 @@ def memory_plan(compiled, abstract_state, host_pools, Mp: int, D: int, limit: in
     return MemoryPlan(Mp // D, state, shared, int(program), limit)
 
 
-__all__ = ["EVAL_CONTINUAL", "EVAL_TASK_END", "MemoryPlan", "Program", "RunResult", "local_mesh",
-           "run"]
+__all__ = ["EVAL_CONTINUAL", "EVAL_TASK_END", "MemoryPlan", "Program", "RunResult", "Sweep",
+           "compile_sweep", "execute", "local_mesh", "run"]

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pickle
 import platform
 import shutil
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -116,19 +118,43 @@ def prepare_variant(variant: Variant, ds: data.Dataset) -> Prepared:
     return Prepared(variant, stream, learner, hps)
 
 
+def variant_devices(prep: Prepared, n_devices: int | None) -> int | None:
+    """Devices a variant's sweep is spread over: ``n_devices`` if given; otherwise as few
+    rounds of members per local device as possible (every device of every process in a
+    multi-process run: None)."""
+    if n_devices is not None:
+        return n_devices
+    if distributed.process_count() > 1:
+        return None
+    return devices_for(len(prep.variant.members), len(jax.local_devices()))
+
+
+def compile_variant(
+    prep: Prepared, ds: data.Dataset, n_devices: int | None, blocks_per_chunk: int | None = None,
+    *, checkpoint: Checkpointer | None = None, compile_mode: str = "auto", log=None,
+) -> driver.Sweep:
+    """Compile a prepared variant's sweep (``ocljax.run.driver.compile_sweep``); a variant
+    that will resume from ``checkpoint`` skips its initialisation programs."""
+    return driver.compile_sweep(
+        prep.learner, prep.stream, ds, prep.hparams, [m.seed for m in prep.variant.members],
+        n_devices=variant_devices(prep, n_devices), blocks_per_chunk=blocks_per_chunk,
+        precision=prep.variant.model.precision, cost=True, log=log, compile_mode=compile_mode,
+        fresh=checkpoint is None or not checkpoint.exists())
+
+
 def run_variant(
     prep: Prepared, ds: data.Dataset, n_devices: int | None, quiet: bool,
     blocks_per_chunk: int | None = None, *, probe_per_class: int = probing.PER_CLASS,
     checkpoint: Checkpointer | None = None, should_stop=None, compile_mode: str = "auto",
+    sweep: driver.Sweep | None = None,
 ) -> VariantResult:
     """Run a prepared variant's members as one compiled sweep and compute their metrics
     (the linear probe too unless ``probe_per_class`` is 0). With a ``checkpoint``, the sweep
-    resumes from it and saves to it (see ``ocljax.run.driver.run``)."""
+    resumes from it and saves to it (see ``ocljax.run.driver.run``). ``sweep``: the variant
+    already compiled by ``compile_variant`` (with the same ``n_devices``, ``blocks_per_chunk``,
+    ``checkpoint`` and ``compile_mode``); compiled here otherwise."""
     variant = prep.variant
     seeds = [m.seed for m in variant.members]
-    n = n_devices if n_devices is not None else (
-        None if distributed.process_count() > 1
-        else devices_for(len(seeds), len(jax.local_devices())))
     progress = None if quiet else Progress(variant.label, variant.stream.batch_size * len(seeds))
     log = None if quiet else (lambda msg: print(f"[{variant.label}] {msg}", flush=True))
     if distributed.process_count() > 1 and probe_per_class > 0:
@@ -137,12 +163,11 @@ def run_variant(
             log("linear probe: skipped in a multi-process run")
     if checkpoint is not None and log is not None:
         checkpoint.log = log
-    result = driver.run(
-        prep.learner, prep.stream, ds, prep.hparams, seeds, n_devices=n,
-        blocks_per_chunk=blocks_per_chunk, progress=progress, precision=variant.model.precision,
-        cost=True, log=log, keep_state=probe_per_class > 0, checkpoint=checkpoint,
-        should_stop=should_stop, compile_mode=compile_mode,
-    )
+    if sweep is None:
+        sweep = compile_variant(prep, ds, n_devices, blocks_per_chunk, checkpoint=checkpoint,
+                                compile_mode=compile_mode, log=log)
+    result = driver.execute(sweep, progress=progress, log=log, keep_state=probe_per_class > 0,
+                            checkpoint=checkpoint, should_stop=should_stop)
     if probe_per_class > 0:
         t0 = time.perf_counter()
         per_task = probing.final_probe_accuracy(  # compiled as the run's programs were
@@ -154,7 +179,7 @@ def run_variant(
             if log is not None:
                 log(f"linear probe: {time.perf_counter() - t0:.1f} s")
     result.final_state = None  # not kept past the probe (nor pickled for resume)
-    result.extra["devices"] = n or len(jax.devices())
+    result.extra["devices"] = sweep.mesh.devices.size
     result.extra["task_classes"] = prep.stream.task_classes
     return VariantResult(variant, result, results.member_metrics(result))
 
@@ -378,12 +403,74 @@ class Resumable:
         distributed.barrier(f"ocljax-variant-{i}-saved")
 
 
+class CompileAhead:
+    """Compiles an experiment's variants on a pool of threads before their turn to run.
+
+    XLA compiles without holding the GIL, so on a host with several cores the variants'
+    programs compile in parallel: the quick-start's three variants took 7-8 s of compilation
+    one after the other on 2 cores. On a CPU backend every compilation finishes before the
+    first variant runs, so that no run shares its cores with a compiler (its measured
+    throughput stays clean); on an accelerator the first variant starts as soon as it is
+    compiled and the others compile while it runs. A variant's compile messages are held back
+    and printed when its turn comes, and its errors (a sweep that does not fit) are raised
+    then too, as if it had been compiled in turn. ``workers=1`` (or a multi-process run, whose
+    processes must compile the same programs in step) compiles each variant just before it
+    runs. Results do not depend on it: the same programs are compiled either way."""
+
+    def __init__(self, prepared: list[Prepared], todo: list[int], ds: data.Dataset,
+                 n_devices: int | None, blocks_per_chunk: int | None, checkpointers: dict,
+                 compile_mode: str, workers: int | None, quiet: bool):
+        if workers is not None and workers < 1:
+            raise ConfigError(f"--compile-workers must be >= 1, got {workers}")
+        if workers is None:
+            workers = min(os.cpu_count() or 1, 8)
+        workers = min(workers, len(todo))
+        self.prepared, self.quiet = prepared, quiet
+        self.jobs: dict[int, tuple[Future, list[str]]] = {}
+        self.pool = None
+        if workers < 2 or distributed.process_count() > 1:
+            return
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="ocljax-variant")
+        for i in todo:
+            held: list[str] = []
+            self.jobs[i] = (self.pool.submit(
+                compile_variant, prepared[i], ds, n_devices, blocks_per_chunk,
+                checkpoint=checkpointers.get(i), compile_mode=compile_mode,
+                log=held.append), held)
+        if not quiet:
+            print(f"compiling {len(todo)} variants on {workers} threads", file=sys.stderr,
+                  flush=True)
+        if jax.default_backend() == "cpu":
+            wait([job for job, _ in self.jobs.values()])
+        self.pool.shutdown(wait=False)  # nothing more is submitted; the jobs run on
+
+    def sweep(self, i: int) -> driver.Sweep | None:
+        """Variant ``i``'s compiled sweep (None: compile it in turn); prints its held-back
+        messages and raises its compile error, if any."""
+        if i not in self.jobs:
+            return None
+        job, held = self.jobs.pop(i)
+        try:
+            return job.result()
+        finally:
+            if not self.quiet:
+                label = self.prepared[i].variant.label
+                for msg in held:
+                    print(f"[{label}] {msg}", flush=True)
+
+    def cancel(self) -> None:
+        """Drop the compilations not started yet (a failed or interrupted experiment)."""
+        for job, _ in self.jobs.values():
+            job.cancel()
+        self.jobs.clear()
+
+
 def run_experiment(
     name: str, dataset: str, variants: list[Variant], *, out: str | None, overwrite=False,
     data_dir=None, n_devices=None, quiet=False, plot=True, command=None,
     blocks_per_chunk: int | None = None, resume: bool = False, checkpoint_every: float = 60.0,
     keep_checkpoints: int = 3, probe_per_class: int = probing.PER_CLASS, should_stop=None,
-    compile_mode: str = "auto",
+    compile_mode: str = "auto", compile_workers: int | None = None,
 ) -> tuple[dict, Path | None]:
     """Load ``dataset``, run every variant, and write the run directory.
 
@@ -395,6 +482,9 @@ def run_experiment(
     (``should_stop()``, e.g. on SIGTERM) or fails, the variants that finished are written with
     ``"complete": false`` before the exception propagates. Returns
     ``(summary, run_dir_path or None)``. ``compile_mode``: see ``ocljax.run.driver``.
+    ``compile_workers``: threads that compile the variants ahead of their turn (see
+    ``CompileAhead``; default: one per CPU core, at most 8 and one per variant; 1 compiles
+    each variant just before it runs).
     """
     driver.check_compile_mode(compile_mode)
     if resume and not out:
@@ -442,10 +532,18 @@ def run_experiment(
         raise
     outs: list[VariantResult] = []
     t0 = time.perf_counter()
+    ahead = None
     try:
+        finished = {i: saver.finished(i, p.variant) for i, p in enumerate(prepared)} \
+            if saver is not None else {}
+        checkpointers = {i: saver.checkpointer(i) for i in range(len(prepared))} \
+            if saver is not None else {}
+        todo = [i for i in range(len(prepared)) if finished.get(i) is None]
+        ahead = CompileAhead(prepared, todo, ds, n_devices, blocks_per_chunk, checkpointers,
+                             compile_mode, compile_workers, quiet)
         for i, prep in enumerate(prepared):
             v = prep.variant
-            done = saver.finished(i, v) if saver is not None else None
+            done = finished.get(i)
             if done is not None:
                 if not quiet:
                     print(f"{v.label}: finished before, results loaded from {saver.root}",
@@ -458,11 +556,13 @@ def run_experiment(
                       file=sys.stderr, flush=True)
             outs.append(run_variant(
                 prep, ds, n_devices, quiet, blocks_per_chunk, probe_per_class=probe_per_class,
-                checkpoint=saver.checkpointer(i) if saver is not None else None,
-                should_stop=should_stop, compile_mode=compile_mode))
+                checkpoint=checkpointers.get(i), should_stop=should_stop,
+                compile_mode=compile_mode, sweep=ahead.sweep(i)))
             if saver is not None:
                 saver.save_finished(i, outs[-1])
     except BaseException as err:
+        if ahead is not None:
+            ahead.cancel()
         if run_dir is not None and (outs or isinstance(err, Interrupted)):
             config = run_config(name, dataset, ds, variants, outs, command,
                                 time.perf_counter() - t0)
