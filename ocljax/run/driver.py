@@ -31,6 +31,12 @@ split-MNIST row ran 2.8x slower with fast code. The estimate depends only on
 the run's plan (not on the device layout or the evaluation batch), so a resumed run makes the
 same choice. Other backends always compile with full optimisation.
 
+A run is two steps: ``compile_sweep`` traces and compiles every program and checks the memory
+plan, allocating nothing but the members' hyperparameters and keys, and ``execute`` runs the
+compiled ``Sweep``; ``run`` does both. Several sweeps can compile at once on threads (XLA
+compiles without the GIL): ``ocljax.run.experiment.CompileAhead`` compiles an experiment's
+variants that way.
+
 Diagnostics: with ``OCLJAX_DUMP_HLO=DIR`` set, each run writes its optimized chunk program
 (``compiled.as_text()``) to ``DIR/chunk_m{members}_d{devices}.hlo.txt``.
 """
