@@ -440,9 +440,14 @@ class CompileAhead:
         if not quiet:
             print(f"compiling {len(todo)} variants on {workers} threads", file=sys.stderr,
                   flush=True)
-        if jax.default_backend() == "cpu":
-            wait([job for job, _ in self.jobs.values()])
-        self.pool.shutdown(wait=False)  # nothing more is submitted; the jobs run on
+        try:
+            if jax.default_backend() == "cpu":
+                wait([job for job, _ in self.jobs.values()])
+        except BaseException:  # interrupted while waiting: start no further compilation
+            self.cancel()
+            raise
+        finally:
+            self.pool.shutdown(wait=False)  # nothing more is submitted; the jobs run on
 
     def sweep(self, i: int) -> driver.Sweep | None:
         """Variant ``i``'s compiled sweep (None: compile it in turn); prints its held-back
