@@ -408,10 +408,10 @@ class CompileAhead:
 
     XLA compiles without holding the GIL, so on a host with several cores the variants'
     programs compile in parallel: the quick-start's three variants took 7-8 s of compilation
-    one after the other on 2 cores. On a CPU backend every compilation finishes before the
-    first variant runs, so that no run shares its cores with a compiler (its measured
-    throughput stays clean); on an accelerator the first variant starts as soon as it is
-    compiled and the others compile while it runs. A variant's compile messages are held back
+    one after the other on 2 cores. Every compilation finishes before the first variant
+    runs: on a CPU no run then shares its cores with a compiler (its measured throughput stays
+    clean), and on a GPU no run perturbs the kernel autotuning that XLA times on the device
+    while it compiles. A variant's compile messages are held back
     and printed when its turn comes, and its errors (a sweep that does not fit) are raised
     then too, as if it had been compiled in turn. ``workers=1`` (or a multi-process run, whose
     processes must compile the same programs in step) compiles each variant just before it
@@ -441,8 +441,7 @@ class CompileAhead:
             print(f"compiling {len(todo)} variants on {workers} threads", file=sys.stderr,
                   flush=True)
         try:
-            if jax.default_backend() == "cpu":
-                wait([job for job, _ in self.jobs.values()])
+            wait([job for job, _ in self.jobs.values()])
         except BaseException:  # interrupted while waiting: start no further compilation
             self.cancel()
             raise
