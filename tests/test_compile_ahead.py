@@ -103,3 +103,40 @@ def test_a_resumed_experiment_compiles_only_what_is_left(tmp_path, monkeypatch, 
     assert main([*args, "--resume", str(out)], prog="t") == 0
     assert [label for label, _ in seen] == ["finetune@iid"]
     assert {m["variant"] for m in members(out)} == {"er", "finetune@iid"}
+
+
+SPREAD = """
+import json, sys
+from ocljax.cli import main
+out = {}
+for seeds, devices in ((4, 1), (4, 4), (3, 4)):  # 4 members sharded; 3 padded to 4
+    d = f"{sys.argv[1]}/s{seeds}d{devices}"
+    assert main([*sys.argv[2:], "--quiet", "--seeds", str(seeds), "--devices", str(devices),
+                 "--out", d], prog="t") == 0
+    members = json.load(open(d + "/summary.json"))["members"]
+    out[f"{seeds}/{devices}"] = [m["linear_probe_accuracy"] for m in members]
+print(json.dumps(out))
+"""
+
+
+def test_probe_compiled_ahead_matches_over_sharded_and_padded_members(tmp_path):
+    """The probe is compiled from the sweep's state shapes, before the run: its accuracies
+    are the same whether the members sit on one device, are sharded over four, or are
+    padded (3 members on 4 devices, where the final states are not the sweep's sharding)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "JAX_PLATFORMS": "cpu"}
+    assert TINY[-2:] == ["--seeds", "2"]
+    args = TINY[:-2]
+    proc = subprocess.run([sys.executable, "-c", SPREAD, str(tmp_path), *args], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    one = out["4/1"]
+    assert len(one) == 8 and all(0 < a <= 1 for a in one)  # 2 variants x 4 seeds
+    assert out["4/4"] == pytest.approx(one, abs=1e-6)
+    # the first 3 seeds of each variant
+    assert out["3/4"] == pytest.approx(one[:3] + one[4:7], abs=1e-6)

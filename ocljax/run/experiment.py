@@ -11,6 +11,7 @@ import platform
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -129,55 +130,83 @@ def variant_devices(prep: Prepared, n_devices: int | None) -> int | None:
     return devices_for(len(prep.variant.members), len(jax.local_devices()))
 
 
+@dataclass
+class CompiledVariant:
+    """A variant's programs, compiled and not run yet: the sweep (``driver.compile_sweep``)
+    and, unless the probe is off or the learner exposes no features, the linear probe of its
+    final states (``probing.compile_probe``)."""
+
+    sweep: driver.Sweep
+    probe: Callable | None
+
+
+def probe_classes(probe_per_class: int) -> int:
+    """Samples per class the linear probe is fitted on: 0 (off) in a multi-process run, whose
+    final member states no single process holds."""
+    return 0 if distributed.process_count() > 1 else probe_per_class
+
+
 def compile_variant(
     prep: Prepared, ds: data.Dataset, n_devices: int | None, blocks_per_chunk: int | None = None,
     *, checkpoint: Checkpointer | None = None, compile_mode: str = "auto", log=None,
-) -> driver.Sweep:
-    """Compile a prepared variant's sweep (``ocljax.run.driver.compile_sweep``); a variant
-    that will resume from ``checkpoint`` skips its initialisation programs."""
-    return driver.compile_sweep(
-        prep.learner, prep.stream, ds, prep.hparams, [m.seed for m in prep.variant.members],
+    probe_per_class: int = probing.PER_CLASS,
+) -> CompiledVariant:
+    """Compile a prepared variant's sweep (``ocljax.run.driver.compile_sweep``) and the
+    linear probe of its final states (unless ``probe_per_class`` is 0), with the run's XLA
+    options; a variant that will resume from ``checkpoint`` skips its initialisation
+    programs."""
+    seeds = [m.seed for m in prep.variant.members]
+    sweep = driver.compile_sweep(
+        prep.learner, prep.stream, ds, prep.hparams, seeds,
         n_devices=variant_devices(prep, n_devices), blocks_per_chunk=blocks_per_chunk,
         precision=prep.variant.model.precision, cost=True, log=log, compile_mode=compile_mode,
         fresh=checkpoint is None or not checkpoint.exists())
+    probe = None
+    if probe_classes(probe_per_class) > 0:
+        M = len(seeds)  # the final states: the members' learner states, padding dropped
+        states = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct((M, *a.shape[1:]), a.dtype,
+                                           sharding=a.sharding if sweep.padded == M else None),
+            sweep.abstract[0])
+        probe = probing.compile_probe(prep.learner, prep.stream, ds, states, prep.hparams,
+                                      seeds, probe_per_class, compiler_options=sweep.options)
+    return CompiledVariant(sweep, probe)
 
 
 def run_variant(
     prep: Prepared, ds: data.Dataset, n_devices: int | None, quiet: bool,
     blocks_per_chunk: int | None = None, *, probe_per_class: int = probing.PER_CLASS,
     checkpoint: Checkpointer | None = None, should_stop=None, compile_mode: str = "auto",
-    sweep: driver.Sweep | None = None,
+    compiled: CompiledVariant | None = None,
 ) -> VariantResult:
     """Run a prepared variant's members as one compiled sweep and compute their metrics
     (the linear probe too unless ``probe_per_class`` is 0). With a ``checkpoint``, the sweep
-    resumes from it and saves to it (see ``ocljax.run.driver.run``). ``sweep``: the variant
+    resumes from it and saves to it (see ``ocljax.run.driver.run``). ``compiled``: the variant
     already compiled by ``compile_variant`` (with the same ``n_devices``, ``blocks_per_chunk``,
-    ``checkpoint`` and ``compile_mode``); compiled here otherwise."""
+    ``checkpoint``, ``compile_mode`` and ``probe_per_class``); compiled here otherwise."""
     variant = prep.variant
-    seeds = [m.seed for m in variant.members]
-    progress = None if quiet else Progress(variant.label, variant.stream.batch_size * len(seeds))
+    progress = None if quiet else Progress(variant.label,
+                                           variant.stream.batch_size * len(variant.members))
     log = None if quiet else (lambda msg: print(f"[{variant.label}] {msg}", flush=True))
-    if distributed.process_count() > 1 and probe_per_class > 0:
-        probe_per_class = 0  # the probe reads whole member states: single-process runs only
-        if log is not None:
-            log("linear probe: skipped in a multi-process run")
+    if probe_per_class > 0 and probe_classes(probe_per_class) == 0 and log is not None:
+        log("linear probe: skipped in a multi-process run")
     if checkpoint is not None and log is not None:
         checkpoint.log = log
-    if sweep is None:
-        sweep = compile_variant(prep, ds, n_devices, blocks_per_chunk, checkpoint=checkpoint,
-                                compile_mode=compile_mode, log=log)
-    result = driver.execute(sweep, progress=progress, log=log, keep_state=probe_per_class > 0,
-                            checkpoint=checkpoint, should_stop=should_stop)
-    if probe_per_class > 0:
+    if compiled is None:
+        compiled = compile_variant(prep, ds, n_devices, blocks_per_chunk, checkpoint=checkpoint,
+                                   compile_mode=compile_mode, log=log,
+                                   probe_per_class=probe_per_class)
+    sweep = compiled.sweep
+    result = driver.execute(sweep, progress=progress, log=log,
+                            keep_state=compiled.probe is not None, checkpoint=checkpoint,
+                            should_stop=should_stop)
+    if compiled.probe is not None:
         t0 = time.perf_counter()
-        per_task = probing.final_probe_accuracy(  # compiled as the run's programs were
-            prep.learner, prep.stream, ds, result.final_state, prep.hparams, seeds,
-            probe_per_class, compiler_options=result.extra["compile"]["options"])
-        if per_task is not None:
-            result.extra["linear_probe_task_accuracy"] = per_task
-            result.extra["linear_probe_accuracy"] = per_task.mean(-1)
-            if log is not None:
-                log(f"linear probe: {time.perf_counter() - t0:.1f} s")
+        per_task = compiled.probe(result.final_state)
+        result.extra["linear_probe_task_accuracy"] = per_task
+        result.extra["linear_probe_accuracy"] = per_task.mean(-1)
+        if log is not None:
+            log(f"linear probe: {time.perf_counter() - t0:.1f} s")
     result.final_state = None  # not kept past the probe (nor pickled for resume)
     result.extra["devices"] = sweep.mesh.devices.size
     result.extra["task_classes"] = prep.stream.task_classes
@@ -419,7 +448,8 @@ class CompileAhead:
 
     def __init__(self, prepared: list[Prepared], todo: list[int], ds: data.Dataset,
                  n_devices: int | None, blocks_per_chunk: int | None, checkpointers: dict,
-                 compile_mode: str, workers: int | None, quiet: bool):
+                 compile_mode: str, workers: int | None, quiet: bool,
+                 probe_per_class: int = probing.PER_CLASS):
         if workers is not None and workers < 1:
             raise ConfigError(f"--compile-workers must be >= 1, got {workers}")
         if workers is None:
@@ -436,7 +466,7 @@ class CompileAhead:
             self.jobs[i] = (self.pool.submit(
                 compile_variant, prepared[i], ds, n_devices, blocks_per_chunk,
                 checkpoint=checkpointers.get(i), compile_mode=compile_mode,
-                log=held.append), held)
+                log=held.append, probe_per_class=probe_per_class), held)
         if not quiet:
             print(f"compiling {len(todo)} variants on {workers} threads", file=sys.stderr,
                   flush=True)
@@ -448,8 +478,8 @@ class CompileAhead:
         finally:
             self.pool.shutdown(wait=False)  # nothing more is submitted; the jobs run on
 
-    def sweep(self, i: int) -> driver.Sweep | None:
-        """Variant ``i``'s compiled sweep (None: compile it in turn); prints its held-back
+    def compiled(self, i: int) -> CompiledVariant | None:
+        """Variant ``i``'s compiled programs (None: compile them in turn); prints its held-back
         messages and raises its compile error, if any."""
         if i not in self.jobs:
             return None
@@ -544,7 +574,7 @@ def run_experiment(
             if saver is not None else {}
         todo = [i for i in range(len(prepared)) if finished.get(i) is None]
         ahead = CompileAhead(prepared, todo, ds, n_devices, blocks_per_chunk, checkpointers,
-                             compile_mode, compile_workers, quiet)
+                             compile_mode, compile_workers, quiet, probe_per_class)
         for i, prep in enumerate(prepared):
             v = prep.variant
             done = finished.get(i)
@@ -561,7 +591,7 @@ def run_experiment(
             outs.append(run_variant(
                 prep, ds, n_devices, quiet, blocks_per_chunk, probe_per_class=probe_per_class,
                 checkpoint=checkpointers.get(i), should_stop=should_stop,
-                compile_mode=compile_mode, sweep=ahead.sweep(i)))
+                compile_mode=compile_mode, compiled=ahead.compiled(i)))
             if saver is not None:
                 saver.save_finished(i, outs[-1])
     except BaseException as err:

@@ -10,6 +10,8 @@ much the representation still knows, whatever the learner's own head forgot.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,12 +25,15 @@ PER_CLASS = 200  # training samples per class (and view) the probe is fitted on
 MEMBERS_AT_ONCE = 16  # members probed together (bounds the features held in memory)
 
 
-def final_probe_accuracy(learner: Learner, stream: Stream, dataset: Dataset, states, hparams,
-                         seeds, per_class: int = PER_CLASS, batch: int = probe.BATCH,
-                         compiler_options: dict | None = None) -> np.ndarray | None:
-    """Probed accuracy on each task for each member: [M, T] (None when the learner exposes no
-    ``features``, e.g. the input-blind baseline). ``states`` are the final learner states with
-    a leading member axis (``driver.run(..., keep_state=True).final_state``).
+def compile_probe(learner: Learner, stream: Stream, dataset: Dataset, states, hparams, seeds,
+                  per_class: int = PER_CLASS, batch: int = probe.BATCH,
+                  compiler_options: dict | None = None) -> Callable | None:
+    """Compile the linear probe of a sweep's final states; returns ``apply(states) -> [M, T]``
+    probed accuracies (None when the learner exposes no ``features``, e.g. the input-blind
+    baseline). ``states``: the final learner states with a leading member axis, or only their
+    shapes (``jax.ShapeDtypeStruct``, with or without shardings), so that an experiment can
+    compile the probe ahead, beside the run's own programs (``ocljax.run.experiment``).
+    ``apply`` moves the states it is given to the shardings it was compiled for.
     ``compiler_options``: XLA options of its one compilation (the run's, see
     ``ocljax.run.driver.compiler_options``)."""
     if learner.features is None:
@@ -59,6 +64,23 @@ def final_probe_accuracy(learner: Learner, stream: Stream, dataset: Dataset, sta
                       *hparams)
     aux = jax.tree.map(jnp.asarray, stream.aux)
     keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(s), 3) for s in seeds])
-    run = jax.jit(lambda a: jax.lax.map(member, a, batch_size=min(M, MEMBERS_AT_ONCE)))
-    args = (states, hp, aux, keys)
-    return np.asarray(run.lower(args).compile(compiler_options)(args))
+    run = jax.jit(lambda *a: jax.lax.map(member, a, batch_size=min(M, MEMBERS_AT_ONCE)))
+    compiled = run.lower(states, hp, aux, keys).compile(compiler_options)
+
+    def apply(final_states) -> np.ndarray:
+        args = jax.device_put((final_states, hp, aux, keys), compiled.input_shardings[0])
+        return np.asarray(compiled(*args))
+
+    return apply
+
+
+def final_probe_accuracy(learner: Learner, stream: Stream, dataset: Dataset, states, hparams,
+                         seeds, per_class: int = PER_CLASS, batch: int = probe.BATCH,
+                         compiler_options: dict | None = None) -> np.ndarray | None:
+    """Probed accuracy on each task for each member: [M, T] (None when the learner exposes no
+    ``features``, e.g. the input-blind baseline). ``states`` are the final learner states with
+    a leading member axis (``driver.run(..., keep_state=True).final_state``). Compiles the
+    probe (``compile_probe``) and applies it."""
+    apply = compile_probe(learner, stream, dataset, states, hparams, seeds, per_class, batch,
+                          compiler_options)
+    return None if apply is None else apply(states)
