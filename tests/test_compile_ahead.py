@@ -3,12 +3,13 @@ numbers as compiling each just before it runs, errors and messages at the varian
 
 import json
 import threading
+import time
 
 import pytest
 
 from ocljax.cli import main
 from ocljax.errors import ConfigError
-from ocljax.run import experiment
+from ocljax.run import driver, experiment
 
 TINY = ["--dataset", "synthetic", "--n-tasks", "2", "--set", "width=16", "--set", "depth=1",
         "--set", "buffer_size=20", "--eval-every", "10", "--learner", "er,finetune@iid",
@@ -140,3 +141,84 @@ def test_probe_compiled_ahead_matches_over_sharded_and_padded_members(tmp_path):
     assert out["4/4"] == pytest.approx(one, abs=1e-6)
     # the first 3 seeds of each variant
     assert out["3/4"] == pytest.approx(one[:3] + one[4:7], abs=1e-6)
+
+
+class FakeLowered:
+    """Stands in for ``jax.stages.Lowered``: counts and slows its compilations."""
+
+    def __init__(self, text, consts=(), fail=False):
+        self.text, self.fail, self.calls = text, fail, 0
+        self._lowering = type("L", (), {"const_args": list(consts)})()
+        self.in_tree = self.out_tree = "tree"
+
+    def as_text(self):
+        return self.text
+
+    def compile(self, options=None):
+        self.calls += 1
+        time.sleep(0.2)
+        if self.fail:
+            raise RuntimeError("compile failed")
+        return ("executable", self.text, self.calls)
+
+
+DEV = [type("D", (), {"id": 0})()]
+
+
+def test_compile_once_shares_equal_programs_across_threads():
+    from concurrent.futures import ThreadPoolExecutor
+
+    once = driver.CompileOnce()
+    a, b = FakeLowered("module A"), FakeLowered("module A")  # equal text, two lowerings
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(lambda lw: once(lw, None, DEV), [a, b]))
+    assert got[0] is got[1] and a.calls + b.calls == 1  # the second waited for the first
+    assert (once.compiled, once.shared) == (1, 1)
+    # different text, options or devices: compiled apart
+    c = FakeLowered("module B")
+    assert once(c, None, DEV)[1] == "module B" and c.calls == 1
+    d = FakeLowered("module A")
+    once(d, {"xla_backend_optimization_level": 0}, DEV)
+    once(d, None, [type("D", (), {"id": 1})()])
+    assert d.calls == 2 and once.compiled == 4
+    # constants passed apart from the text: never shared
+    e, f = FakeLowered("module A", consts=[1]), FakeLowered("module A", consts=[2])
+    once(e, None, DEV), once(f, None, DEV)
+    assert e.calls == f.calls == 1
+
+
+def test_compile_once_error_reaches_every_waiter_and_is_not_kept():
+    from concurrent.futures import ThreadPoolExecutor
+
+    once = driver.CompileOnce()
+    bad = [FakeLowered("module X", fail=True) for _ in range(2)]
+    with ThreadPoolExecutor(2) as pool:
+        jobs = [pool.submit(once, lw, None, DEV) for lw in bad]
+        for job in jobs:
+            with pytest.raises(RuntimeError, match="compile failed"):
+                job.result()
+    good = FakeLowered("module X")
+    assert once(good, None, DEV)[1] == "module X" and good.calls == 1  # compiled again
+
+
+def test_an_iid_variant_shares_its_programs_and_numbers_with_a_run_alone(tmp_path, monkeypatch):
+    made = []
+    real = driver.CompileOnce
+
+    def spy():
+        made.append(real())
+        return made[-1]
+
+    monkeypatch.setattr(experiment.driver, "CompileOnce", spy)
+    i = TINY.index("buffer_size=20")
+    args = [*TINY[:i - 1], *TINY[i + 1:], "--quiet", "--compile-workers", "1"]
+    assert main([*args, "--learner", "finetune,finetune@iid", "--out", str(tmp_path / "both")],
+                prog="t") == 0
+    # initialisation, initial evaluation, chunk and probe are finetune's programs again
+    assert made[0].shared == 4 and made[0].compiled == 4
+    assert main([*args, "--learner", "finetune@iid", "--out", str(tmp_path / "alone")],
+                prog="t") == 0
+    both = [m for m in members(tmp_path / "both") if m["variant"] == "finetune@iid"]
+    alone = members(tmp_path / "alone")
+    keys = ("final_average_accuracy", "online_accuracy", "acc_matrix", "linear_probe_accuracy")
+    assert [[m[k] for k in keys] for m in both] == [[m[k] for k in keys] for m in alone]

@@ -44,10 +44,12 @@ Diagnostics: with ``OCLJAX_DUMP_HLO=DIR`` set, each run writes its optimized chu
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -97,6 +99,59 @@ def compiler_options(mode: str, backend: str, estimated_flops: float | None) -> 
                           and estimated_flops / AUTO_CPU_FLOPS < AUTO_FAST_BELOW_S):
         return dict(FAST_OPTIONS)
     return None
+
+
+class CompileOnce:
+    """Compiles each distinct program once, for every sweep that asks for it.
+
+    Variants of one experiment often lower to the same programs: finetune and its i.i.d.
+    upper bound differ only in the order of the stream, which is data, and every learner on
+    one model shares the initial evaluation when its ``predict`` reads only the network. Two
+    lowerings share one executable when their StableHLO text (which holds the program's
+    constants), XLA options, argument and result structure and devices are equal; a lowering
+    another thread is compiling waits for it instead of compiling it again. The persistent
+    compilation cache would also catch such repeats, but only after the first compile has
+    finished and only when the cache is on. A lowering whose constants JAX passes apart from
+    its text (``jax_use_simplified_jaxpr_constants``) is compiled on its own.
+    Thread-safe; holds its executables until it is dropped (one per experiment)."""
+
+    def __init__(self):
+        self._jobs: dict[tuple, Future] = {}
+        self._lock = threading.Lock()
+        self.compiled = 0  # programs compiled
+        self.shared = 0  # lowerings that got an executable compiled for another
+
+    def __call__(self, lowered, options: dict | None, devices) -> object:
+        """``lowered.compile(options)``, or the executable of an equal lowering; ``devices``:
+        the program's devices (e.g. ``mesh.devices.flat``), part of what must be equal."""
+        consts = getattr(getattr(lowered, "_lowering", None), "const_args", None)
+        if consts is None or len(consts):
+            return lowered.compile(options)
+        digest = hashlib.sha256(lowered.as_text().encode()).hexdigest()
+        key = (digest, repr(sorted((options or {}).items())), lowered.in_tree,
+               lowered.out_tree, tuple(d.id for d in devices))
+        with self._lock:
+            job = self._jobs.get(key)
+            mine = job is None
+            if mine:
+                job = self._jobs[key] = Future()
+                self.compiled += 1
+            else:
+                self.shared += 1
+        if mine:
+            try:
+                job.set_result(lowered.compile(options))
+            except BaseException as err:
+                with self._lock:  # a later request compiles it again (and meets the error)
+                    del self._jobs[key]
+                job.set_exception(err)
+                raise
+        return job.result()
+
+
+def compile_plain(lowered, options: dict | None, devices) -> object:
+    """``lowered.compile(options)``: the compiler of a sweep compiled on its own."""
+    return lowered.compile(options)
 
 
 def estimated_work(learner: Learner, stream: Stream, step_flops: float | None) -> float | None:
@@ -606,10 +661,12 @@ def compile_sweep(
     cost: bool = False,
     compile_mode: str = "auto",
     fresh: bool = True,
+    compiler: CompileOnce | None = None,
 ) -> Sweep:
     """Compile a sweep's programs and check its memory plan, allocating nothing but the
     members' hyperparameters and keys (see ``run`` for the arguments; ``fresh=False`` skips
-    the initialisation and the initial evaluation, which a resumed run does not need).
+    the initialisation and the initial evaluation, which a resumed run does not need;
+    ``compiler``: a ``CompileOnce`` shared by sweeps that may have programs in common).
     Raises ``ConfigError`` when the sweep does not fit. Safe to call on several threads at
     once: XLA compiles without the GIL, so a many-core host compiles sweeps in parallel."""
     check_compile_mode(compile_mode)
@@ -633,7 +690,8 @@ def compile_sweep(
             log(f"compiling fast (XLA optimisation off): --compile {compile_mode}"
                 + (f", about {work / AUTO_CPU_FLOPS:.1f} s of work per member" if work else ""))
         sweep = _compile(learner, stream, dataset, hparams, tuple(seeds), n_devices,
-                         blocks_per_chunk, eval_batch, log, memory_limit, options, fresh)
+                         blocks_per_chunk, eval_batch, log, memory_limit, options, fresh,
+                         compiler or compile_plain)
     sweep.precision, sweep.step_flops, sweep.cost = precision, step_flops, cost
     sweep.compile_info = {"mode": compile_mode, "fast": bool(options), "options": options,
                           "estimated_work_flops": work}
@@ -642,9 +700,10 @@ def compile_sweep(
 
 
 def _compile(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chunk,
-             eval_batch, log, memory_limit, options, fresh) -> Sweep:
+             eval_batch, log, memory_limit, options, fresh, compiler) -> Sweep:
     M = len(seeds)
     mesh = local_mesh(n_devices)
+    compile_ = partial(compiler, options=options, devices=mesh.devices.flat)
     D = mesh.devices.size
     Mp = -(-M // D) * D
     member_sh, shared_sh = NamedSharding(mesh, P(AXIS)), NamedSharding(mesh, P())
@@ -693,7 +752,7 @@ def _compile(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chu
 
     host_pools, abstract_pools, lowered = lower_chunk(eval_batch)
     background = ThreadPoolExecutor(1, thread_name_prefix="ocljax-compile") if fresh else None
-    init_job = background.submit(program.init.lower(keys, hp, example_x).compile, options) \
+    init_job = background.submit(compile_, program.init.lower(keys, hp, example_x)) \
         if fresh else None
     eval_job = None  # (evaluation batch, future of the compiled initial evaluation)
     try:
@@ -701,9 +760,9 @@ def _compile(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chu
             if fresh and (eval_job is None or eval_job[0] != eval_batch):
                 if eval_job is not None:
                     eval_job[1].cancel()  # for a batch that did not fit; a no-op once started
-                eval_job = (eval_batch, background.submit(program.initial_eval.lower(
-                    abstract, hp, keys, aux, abstract_pools[2]).compile, options))
-            compiled = lowered.compile(options)
+                eval_job = (eval_batch, background.submit(compile_, program.initial_eval.lower(
+                    abstract, hp, keys, aux, abstract_pools[2])))
+            compiled = compile_(lowered)
             plan = memory_plan(compiled, abstract, host_pools, Mp, D, memory_limit, mesh)
             log(plan.describe())
             if plan.fits() or chosen or eval_batch <= MIN_EVAL_BATCH:

@@ -149,18 +149,19 @@ def probe_classes(probe_per_class: int) -> int:
 def compile_variant(
     prep: Prepared, ds: data.Dataset, n_devices: int | None, blocks_per_chunk: int | None = None,
     *, checkpoint: Checkpointer | None = None, compile_mode: str = "auto", log=None,
-    probe_per_class: int = probing.PER_CLASS,
+    probe_per_class: int = probing.PER_CLASS, compiler: driver.CompileOnce | None = None,
 ) -> CompiledVariant:
     """Compile a prepared variant's sweep (``ocljax.run.driver.compile_sweep``) and the
     linear probe of its final states (unless ``probe_per_class`` is 0), with the run's XLA
     options; a variant that will resume from ``checkpoint`` skips its initialisation
-    programs."""
+    programs. ``compiler``: a ``driver.CompileOnce`` shared by the experiment's variants, so
+    that programs two variants have in common compile once."""
     seeds = [m.seed for m in prep.variant.members]
     sweep = driver.compile_sweep(
         prep.learner, prep.stream, ds, prep.hparams, seeds,
         n_devices=variant_devices(prep, n_devices), blocks_per_chunk=blocks_per_chunk,
         precision=prep.variant.model.precision, cost=True, log=log, compile_mode=compile_mode,
-        fresh=checkpoint is None or not checkpoint.exists())
+        fresh=checkpoint is None or not checkpoint.exists(), compiler=compiler)
     probe = None
     if probe_classes(probe_per_class) > 0:
         M = len(seeds)  # the final states: the members' learner states, padding dropped
@@ -169,7 +170,8 @@ def compile_variant(
                                            sharding=a.sharding if sweep.padded == M else None),
             sweep.abstract[0])
         probe = probing.compile_probe(prep.learner, prep.stream, ds, states, prep.hparams,
-                                      seeds, probe_per_class, compiler_options=sweep.options)
+                                      seeds, probe_per_class, compiler_options=sweep.options,
+                                      compiler=compiler)
     return CompiledVariant(sweep, probe)
 
 
@@ -177,13 +179,14 @@ def run_variant(
     prep: Prepared, ds: data.Dataset, n_devices: int | None, quiet: bool,
     blocks_per_chunk: int | None = None, *, probe_per_class: int = probing.PER_CLASS,
     checkpoint: Checkpointer | None = None, should_stop=None, compile_mode: str = "auto",
-    compiled: CompiledVariant | None = None,
+    compiled: CompiledVariant | None = None, compiler: driver.CompileOnce | None = None,
 ) -> VariantResult:
     """Run a prepared variant's members as one compiled sweep and compute their metrics
     (the linear probe too unless ``probe_per_class`` is 0). With a ``checkpoint``, the sweep
     resumes from it and saves to it (see ``ocljax.run.driver.run``). ``compiled``: the variant
     already compiled by ``compile_variant`` (with the same ``n_devices``, ``blocks_per_chunk``,
-    ``checkpoint``, ``compile_mode`` and ``probe_per_class``); compiled here otherwise."""
+    ``checkpoint``, ``compile_mode`` and ``probe_per_class``); compiled here otherwise, with
+    ``compiler`` (see ``compile_variant``)."""
     variant = prep.variant
     progress = None if quiet else Progress(variant.label,
                                            variant.stream.batch_size * len(variant.members))
@@ -195,7 +198,7 @@ def run_variant(
     if compiled is None:
         compiled = compile_variant(prep, ds, n_devices, blocks_per_chunk, checkpoint=checkpoint,
                                    compile_mode=compile_mode, log=log,
-                                   probe_per_class=probe_per_class)
+                                   probe_per_class=probe_per_class, compiler=compiler)
     sweep = compiled.sweep
     result = driver.execute(sweep, progress=progress, log=log,
                             keep_state=compiled.probe is not None, checkpoint=checkpoint,
@@ -444,12 +447,18 @@ class CompileAhead:
     and printed when its turn comes, and its errors (a sweep that does not fit) are raised
     then too, as if it had been compiled in turn. ``workers=1`` (or a multi-process run, whose
     processes must compile the same programs in step) compiles each variant just before it
-    runs. Results do not depend on it: the same programs are compiled either way."""
+    runs. Results do not depend on it: the same programs are compiled either way.
+
+    A variant's programs are its sweep's (``driver.compile_sweep``) and its linear probe
+    (``probing.compile_probe``, compiled from the final states' shapes). With ``compiler``, a
+    ``driver.CompileOnce``, programs that several variants share (finetune and its i.i.d.
+    upper bound have the same four) compile once."""
 
     def __init__(self, prepared: list[Prepared], todo: list[int], ds: data.Dataset,
                  n_devices: int | None, blocks_per_chunk: int | None, checkpointers: dict,
                  compile_mode: str, workers: int | None, quiet: bool,
-                 probe_per_class: int = probing.PER_CLASS):
+                 probe_per_class: int = probing.PER_CLASS,
+                 compiler: driver.CompileOnce | None = None):
         if workers is not None and workers < 1:
             raise ConfigError(f"--compile-workers must be >= 1, got {workers}")
         if workers is None:
@@ -466,7 +475,7 @@ class CompileAhead:
             self.jobs[i] = (self.pool.submit(
                 compile_variant, prepared[i], ds, n_devices, blocks_per_chunk,
                 checkpoint=checkpointers.get(i), compile_mode=compile_mode,
-                log=held.append, probe_per_class=probe_per_class), held)
+                log=held.append, probe_per_class=probe_per_class, compiler=compiler), held)
         if not quiet:
             print(f"compiling {len(todo)} variants on {workers} threads", file=sys.stderr,
                   flush=True)
@@ -573,8 +582,9 @@ def run_experiment(
         checkpointers = {i: saver.checkpointer(i) for i in range(len(prepared))} \
             if saver is not None else {}
         todo = [i for i in range(len(prepared)) if finished.get(i) is None]
+        compiler = driver.CompileOnce()  # variants' programs in common compile once
         ahead = CompileAhead(prepared, todo, ds, n_devices, blocks_per_chunk, checkpointers,
-                             compile_mode, compile_workers, quiet, probe_per_class)
+                             compile_mode, compile_workers, quiet, probe_per_class, compiler)
         for i, prep in enumerate(prepared):
             v = prep.variant
             done = finished.get(i)
@@ -591,7 +601,7 @@ def run_experiment(
             outs.append(run_variant(
                 prep, ds, n_devices, quiet, blocks_per_chunk, probe_per_class=probe_per_class,
                 checkpoint=checkpointers.get(i), should_stop=should_stop,
-                compile_mode=compile_mode, compiled=ahead.compiled(i)))
+                compile_mode=compile_mode, compiled=ahead.compiled(i), compiler=compiler))
             if saver is not None:
                 saver.save_finished(i, outs[-1])
     except BaseException as err:

@@ -18,6 +18,7 @@ import numpy as np
 
 from ocljax.data.dataset import Dataset
 from ocljax.metrics import probe
+from ocljax.run import driver
 from ocljax.streams.stream import Stream, stratified_subset
 from ocljax.types import Learner
 
@@ -27,7 +28,7 @@ MEMBERS_AT_ONCE = 16  # members probed together (bounds the features held in mem
 
 def compile_probe(learner: Learner, stream: Stream, dataset: Dataset, states, hparams, seeds,
                   per_class: int = PER_CLASS, batch: int = probe.BATCH,
-                  compiler_options: dict | None = None) -> Callable | None:
+                  compiler_options: dict | None = None, compiler=None) -> Callable | None:
     """Compile the linear probe of a sweep's final states; returns ``apply(states) -> [M, T]``
     probed accuracies (None when the learner exposes no ``features``, e.g. the input-blind
     baseline). ``states``: the final learner states with a leading member axis, or only their
@@ -35,7 +36,8 @@ def compile_probe(learner: Learner, stream: Stream, dataset: Dataset, states, hp
     compile the probe ahead, beside the run's own programs (``ocljax.run.experiment``).
     ``apply`` moves the states it is given to the shardings it was compiled for.
     ``compiler_options``: XLA options of its one compilation (the run's, see
-    ``ocljax.run.driver.compiler_options``)."""
+    ``ocljax.run.driver.compiler_options``); ``compiler``: an ``ocljax.run.driver.CompileOnce``
+    shared with other variants (whose probe may be the same program)."""
     if learner.features is None:
         return None
     M, T, C = len(seeds), stream.n_tasks, dataset.num_classes
@@ -65,7 +67,12 @@ def compile_probe(learner: Learner, stream: Stream, dataset: Dataset, states, hp
     aux = jax.tree.map(jnp.asarray, stream.aux)
     keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(s), 3) for s in seeds])
     run = jax.jit(lambda *a: jax.lax.map(member, a, batch_size=min(M, MEMBERS_AT_ONCE)))
-    compiled = run.lower(states, hp, aux, keys).compile(compiler_options)
+    sharding = getattr(jax.tree.leaves(states)[0], "sharding", None)
+    devices = (sharding.mesh.devices.flat if isinstance(sharding, jax.sharding.NamedSharding)
+               else sorted(sharding.device_set, key=lambda d: d.id) if sharding is not None
+               else [jax.devices()[0]])
+    compiled = (compiler or driver.compile_plain)(run.lower(states, hp, aux, keys),
+                                                  compiler_options, devices)
 
     def apply(final_states) -> np.ndarray:
         args = jax.device_put((final_states, hp, aux, keys), compiled.input_shardings[0])
