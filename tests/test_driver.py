@@ -84,10 +84,10 @@ def test_fast_and_optimized_compiles_give_the_same_results(tiny_ds, monkeypatch)
 
     monkeypatch.setattr(jax.stages.Lowered, "compile", spy)
     fast = run(tiny_ds, "er", [0, 1], compile_mode="fast")
-    assert len(seen) >= 3 and all(o == driver.FAST_OPTIONS for o in seen)  # chunk, init, eval
+    assert len(seen) >= 2 and all(o == driver.FAST_OPTIONS for o in seen)  # chunk, init
     seen.clear()
     opt = run(tiny_ds, "er", [0, 1], compile_mode="optimized")
-    assert len(seen) >= 3 and not any(seen)
+    assert len(seen) >= 2 and not any(seen)
     auto = run(tiny_ds, "er", [0, 1], cost=True)
     assert fast.extra["compile"]["fast"] and not opt.extra["compile"]["fast"]
     assert auto.extra["compile"]["fast"]  # a tiny stream: seconds of work at most
@@ -278,3 +278,37 @@ def test_default_evaluation_batch_shrinks_to_fit_memory():
     np.testing.assert_array_equal(fitted.acc, big.acc)
     with pytest.raises(driver.ConfigError, match="does not fit"):
         go(memory_limit=limit, eval_batch=1000)  # an explicit batch is not changed
+
+
+def test_initial_evaluation_is_the_untrained_model_on_the_full_test_sets(tiny_ds):
+    """The initial evaluation runs as the chunk program on blocks that train nothing
+    (``schedule.evaluation_chunk``): it equals evaluating each member's initial state directly,
+    with the key of the evaluation after step 0."""
+    from ocljax.run import evaluation
+
+    module, learner = tiny_learner("er")
+    seeds, hp = [3, 4], module.HParams()
+    stream = streams.build(CFG, tiny_ds, seeds)
+    res = driver.run(learner, stream, tiny_ds, [hp] * 2, seeds, n_devices=1)
+    pool = jax.tree.map(jnp.asarray, evaluation.make_pool(
+        tiny_ds.test_x[stream.eval_full], tiny_ds.test_y[stream.eval_full], 1000))
+    for m, s in enumerate(seeds):
+        key = jax.random.PRNGKey(s)
+        state = learner.init(jax.random.fold_in(key, 0),
+                             jnp.asarray(tiny_ds.train_x[:CFG.batch_size]), hp)
+        aux = jax.tree.map(lambda a, m=m: jnp.asarray(a[m]), stream.aux)
+        direct = evaluation.per_task_accuracy(
+            learner, stream.transform, stream.eval_tasks, stream.n_views, stream.n_tasks, state,
+            hp, jax.random.fold_in(jax.random.fold_in(key, 2), 0), aux, pool)
+        np.testing.assert_allclose(res.acc[m, 0], direct.acc, atol=1e-6)
+        np.testing.assert_allclose(res.task_aware[m, 0], direct.task_aware, atol=1e-6)
+    assert not np.allclose(res.acc[0, 0], res.acc[0, -1])  # training moved it afterwards
+
+
+def test_evaluation_chunk_trains_nothing_and_evaluates_once_at_step_0(tiny_ds):
+    stream = streams.build(CFG, tiny_ds, [0, 1])
+    layout = next(stream.chunks(3))
+    ev = streams.schedule.evaluation_chunk(layout)
+    assert jax.tree.map(np.shape, ev) == jax.tree.map(np.shape, layout)
+    assert not ev.steps.valid.any() and not ev.steps.fresh.any()
+    assert ev.eval_kind.tolist() == [streams.EVAL_TASK_END, 0, 0] and ev.end_step[0] == 0

@@ -67,8 +67,8 @@ from ocljax.errors import ConfigError
 from ocljax.learners import blind
 from ocljax.run import evaluation
 from ocljax.run.checkpoint import Checkpointer, Interrupted
-from ocljax.run.evaluation import EvalPool, make_pool, per_task_accuracy
-from ocljax.streams.schedule import EVAL_CONTINUAL, EVAL_TASK_END
+from ocljax.run.evaluation import make_pool, per_task_accuracy
+from ocljax.streams.schedule import EVAL_CONTINUAL, EVAL_TASK_END, evaluation_chunk
 from ocljax.streams.stream import Stream
 from ocljax.sweep.distributed import agree, to_host
 from ocljax.types import Array, Batch, Learner, identity_prepare_eval
@@ -105,8 +105,7 @@ class CompileOnce:
     """Compiles each distinct program once, for every sweep that asks for it.
 
     Variants of one experiment often lower to the same programs: finetune and its i.i.d.
-    upper bound differ only in the order of the stream, which is data, and every learner on
-    one model shares the initial evaluation when its ``predict`` reads only the network. Two
+    upper bound differ only in the order of the stream, which is data. Two
     lowerings share one executable when their StableHLO text (which holds the program's
     constants), XLA options, argument and result structure and devices are equal; a lowering
     another thread is compiling waits for it instead of compiling it again. The persistent
@@ -433,15 +432,6 @@ class Program:
             in_specs=(member, member, shared), out_specs=member,
         ))
 
-        def member_eval(carried, hp, key, aux, pool):
-            return evaluate(carried[0], hp, jax.random.fold_in(jax.random.fold_in(key, 2), 0), aux,
-                            pool)
-
-        self.initial_eval = jax.jit(shard_map(
-            over_members(member_eval, (0, 0, 0, 0, None), members_per_device), mesh=mesh,
-            in_specs=(member, member, member, member, shared), out_specs=member,
-        ))
-
 
 HEADROOM = 0.9  # fraction of a device's memory a sweep may plan to use
 MIN_EVAL_BATCH = 16  # the default evaluation batch shrinks no further to fit memory
@@ -603,8 +593,8 @@ class Sweep:
     host_pools: tuple
     abstract: object  # the carried state's shapes and shardings
     chunk: object  # the compiled chunk program
-    init: object  # the compiled initialisation and initial evaluation (None when resuming)
-    initial_eval: object
+    init: object  # the compiled initialisation (None when resuming)
+    eval_chunk: object  # the initial evaluation as a chunk that trains nothing
     plan: MemoryPlan
     eval_batch: int
     options: dict | None  # XLA options of every program of the run
@@ -631,18 +621,12 @@ class Sweep:
         return (state, self.hp, self.keys, self.aux, idx, fidx, steps, kind, end, pools)
 
     def compile_init(self):
-        """The initialisation and the initial evaluation, compiled here if ``compile_sweep``
-        did not (it skips them for a run that resumes; an unreadable checkpoint starts over)."""
-        with precision_lib.matmul_precision(self.precision):
-            if self.init is None:
+        """The initialisation, compiled here if ``compile_sweep`` did not (it skips it for a
+        run that resumes; an unreadable checkpoint starts over)."""
+        if self.init is None:
+            with precision_lib.matmul_precision(self.precision):
                 self.init = self.program.init.lower(self.keys, self.hp,
                                                     self.example_x).compile(self.options)
-            if self.initial_eval is None:
-                pool = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
-                    a.shape, a.dtype, sharding=NamedSharding(self.mesh, P())),
-                    self.host_pools[2])
-                self.initial_eval = self.program.initial_eval.lower(
-                    self.abstract, self.hp, self.keys, self.aux, pool).compile(self.options)
 
 
 def compile_sweep(
@@ -665,7 +649,7 @@ def compile_sweep(
 ) -> Sweep:
     """Compile a sweep's programs and check its memory plan, allocating nothing but the
     members' hyperparameters and keys (see ``run`` for the arguments; ``fresh=False`` skips
-    the initialisation and the initial evaluation, which a resumed run does not need;
+    the initialisation, which a resumed run does not need;
     ``compiler``: a ``CompileOnce`` shared by sweeps that may have programs in common).
     Raises ``ConfigError`` when the sweep does not fit. Safe to call on several threads at
     once: XLA compiles without the GIL, so a many-core host compiles sweeps in parallel."""
@@ -735,9 +719,10 @@ def _compile(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chu
     # Compile against the abstract state and check the memory plan before allocating. When
     # the default evaluation batch is what does not fit, shrink it (results do not depend on
     # it) before giving up.
-    # The initialisation and the initial evaluation (needed unless the run resumes) compile
-    # on a second thread while this one compiles the chunk: XLA releases the GIL, so on a
-    # multi-core host the three compilations overlap.
+    # The initialisation (needed unless the run resumes) compiles on a second thread while
+    # this one compiles the chunk: XLA releases the GIL, so on a multi-core host the two
+    # compilations overlap. The initial evaluation needs no program of its own: it is the
+    # chunk run on blocks that train nothing (``evaluation_chunk``).
     abstract = jax.eval_shape(program.init, keys, hp, example_x)
     abstract = jax.tree.map(
         lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=member_sh), abstract)
@@ -754,14 +739,8 @@ def _compile(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chu
     background = ThreadPoolExecutor(1, thread_name_prefix="ocljax-compile") if fresh else None
     init_job = background.submit(compile_, program.init.lower(keys, hp, example_x)) \
         if fresh else None
-    eval_job = None  # (evaluation batch, future of the compiled initial evaluation)
     try:
         while True:
-            if fresh and (eval_job is None or eval_job[0] != eval_batch):
-                if eval_job is not None:
-                    eval_job[1].cancel()  # for a batch that did not fit; a no-op once started
-                eval_job = (eval_batch, background.submit(compile_, program.initial_eval.lower(
-                    abstract, hp, keys, aux, abstract_pools[2])))
             compiled = compile_(lowered)
             plan = memory_plan(compiled, abstract, host_pools, Mp, D, memory_limit, mesh)
             log(plan.describe())
@@ -788,11 +767,11 @@ def _compile(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chu
             )
         if fresh:
             sweep.init = init_job.result()
-            sweep.initial_eval = eval_job[1].result()
     finally:  # no compile left queued behind a failure
         if background is not None:
             background.shutdown(wait=False, cancel_futures=True)
     sweep.host_pools, sweep.abstract, sweep.chunk = host_pools, abstract, compiled
+    sweep.eval_chunk = evaluation_chunk(first)
     sweep.plan, sweep.eval_batch, sweep.options = plan, eval_batch, options
     return sweep
 
@@ -810,11 +789,10 @@ def execute(
     (or resume from ``checkpoint``), run the chunks and gather the evaluations. See ``run``."""
     log = log or (lambda msg: None)
     stream, program, plan = sweep.stream, sweep.program, sweep.plan
-    M, Mp, bpc, keys, hp, aux = sweep.members, sweep.padded, sweep.blocks_per_chunk, \
-        sweep.keys, sweep.hp, sweep.aux
+    M, Mp, bpc, keys, hp = sweep.members, sweep.padded, sweep.blocks_per_chunk, \
+        sweep.keys, sweep.hp
     t0 = time.perf_counter()
     pools = sweep.put_shared(sweep.host_pools)
-    full_pool: EvalPool = pools[2]
     sched = stream.schedule
     layout = {"members": M, "padded_members": Mp, "blocks_per_chunk": bpc,
               "n_blocks": sched.n_blocks, "total_steps": sched.total_steps}
@@ -825,7 +803,9 @@ def execute(
     if resumed is None:
         sweep.compile_init()
         state = sweep.init(keys, hp, sweep.example_x)
-        acc0 = sweep.initial_eval(state, hp, keys, aux, full_pool)
+        # the initial evaluation: the chunk program on blocks that train nothing
+        state, _, accs, _ = sweep.chunk(*sweep.chunk_args(state, sweep.eval_chunk, pools))
+        acc0 = jax.tree.map(lambda a: a[:, 0], accs)
         history = History.empty(Mp, stream.n_tasks)._replace(acc0=jax.tree.map(to_host, acc0))
         acc0 = history.acc0
         next_block, run_before = 0, 0.0

@@ -452,7 +452,7 @@ class CompileAhead:
     A variant's programs are its sweep's (``driver.compile_sweep``) and its linear probe
     (``probing.compile_probe``, compiled from the final states' shapes). With ``compiler``, a
     ``driver.CompileOnce``, programs that several variants share (finetune and its i.i.d.
-    upper bound have the same four) compile once."""
+    upper bound have the same three) compile once."""
 
     def __init__(self, prepared: list[Prepared], todo: list[int], ds: data.Dataset,
                  n_devices: int | None, blocks_per_chunk: int | None, checkpointers: dict,

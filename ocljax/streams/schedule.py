@@ -160,3 +160,28 @@ def chunks(schedule: Schedule, orders: np.ndarray, blocks_per_chunk: int, start_
             block_task=take(schedule.block_task, 0),
             end_step=take(schedule.end_step, -1),
         )
+
+
+def evaluation_chunk(layout: Chunk) -> Chunk:
+    """A chunk shaped like ``layout`` whose blocks train nothing (every step invalid) and
+    whose first block evaluates on the full test sets at step 0: the initial evaluation, run
+    by the chunk program itself instead of a program of its own (one compilation less per
+    run). Its evaluation key is the one the evaluation after step 0 would use."""
+    nb = len(layout.eval_kind)
+    shape = layout.steps.valid.shape
+    steps = StepInfo(
+        t=np.full(shape, -1, np.int32), task=np.zeros(shape, np.int32),
+        boundary=np.zeros(shape, bool), fresh=np.zeros(shape, bool),
+        valid=np.zeros(shape, bool), batch=np.zeros(shape, np.int32),
+        future=np.full(shape, -1, np.int32),
+    )
+    kind = np.full(nb, EVAL_NONE, np.int32)
+    kind[0] = EVAL_TASK_END
+    end = np.full(nb, -1, np.int32)
+    end[0] = 0
+    return Chunk(
+        idx=np.zeros_like(layout.idx),
+        future_idx=None if layout.future_idx is None else np.zeros_like(layout.future_idx),
+        steps=steps, eval_kind=kind, block_task=np.zeros(nb, np.int32), end_step=end,
+    )
+
