@@ -44,6 +44,11 @@ class StepInfo(NamedTuple):
     future: np.ndarray  # int32, incoming batch ``near_future`` batches later (-1: none / off)
 
 
+# the values of a step that does nothing: a chunk's padding, and every step of
+# ``evaluation_chunk``
+NO_STEP = StepInfo(t=-1, task=0, boundary=False, fresh=False, valid=False, batch=0, future=-1)
+
+
 class Chunk(NamedTuple):
     """One compiled call's worth of stream: ``nb`` blocks of ``L`` steps."""
 
@@ -146,12 +151,8 @@ def chunks(schedule: Schedule, orders: np.ndarray, blocks_per_chunk: int, start_
                 part = np.concatenate([part, np.full((pad, *part.shape[1:]), fill, part.dtype)])
             return part
 
-        steps = StepInfo(
-            t=take(schedule.steps.t, -1), task=take(schedule.steps.task, 0),
-            boundary=take(schedule.steps.boundary, False), fresh=take(schedule.steps.fresh, False),
-            valid=take(schedule.steps.valid, False), batch=take(schedule.steps.batch, 0),
-            future=take(schedule.steps.future, -1),
-        )
+        steps = StepInfo(*(take(a, fill) for a, fill in zip(schedule.steps, NO_STEP,
+                                                             strict=True)))
         yield Chunk(
             idx=orders[:, steps.batch],
             future_idx=orders[:, np.maximum(steps.future, 0)] if schedule.near_future else None,
@@ -168,13 +169,8 @@ def evaluation_chunk(layout: Chunk) -> Chunk:
     by the chunk program itself instead of a program of its own (one compilation less per
     run). Its evaluation key is the one the evaluation after step 0 would use."""
     nb = len(layout.eval_kind)
-    shape = layout.steps.valid.shape
-    steps = StepInfo(
-        t=np.full(shape, -1, np.int32), task=np.zeros(shape, np.int32),
-        boundary=np.zeros(shape, bool), fresh=np.zeros(shape, bool),
-        valid=np.zeros(shape, bool), batch=np.zeros(shape, np.int32),
-        future=np.full(shape, -1, np.int32),
-    )
+    steps = StepInfo(*(np.full(a.shape, fill, a.dtype) for a, fill in zip(layout.steps, NO_STEP,
+                                                                          strict=True)))
     kind = np.full(nb, EVAL_NONE, np.int32)
     kind[0] = EVAL_TASK_END
     end = np.full(nb, -1, np.int32)
