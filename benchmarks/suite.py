@@ -17,7 +17,10 @@ after every row, so an interrupted suite keeps what it measured):
 - ``images``     the small CNN and the reduced ResNet-18 on CIFAR-shaped synthetic data
                  (32x32x3): PyTorch loop against ocljax, one seed and a sweep.
 - ``long``       a 1,020,000-sample stream (permuted, 17 tasks over a 60,000-sample pool)
-                 against a 60,000-sample one: device memory and throughput.
+                 against a 60,000-sample one, run before and after it (a shared host's
+                 speed drifts over a minute): device memory, throughput, the ratio, and the
+                 long stream's throughput per 6,000 steps; once with continual evaluation,
+                 once with a light task-end evaluation only (the streaming itself).
 - ``compile``    compile time of every registered learner; a 4-point learning-rate grid
                  must trace once.
 
@@ -106,10 +109,14 @@ def plan(gpu: bool, quick: bool, sections, data_dir: str | None = None) -> list[
         m = sweep if gpu else 4
         add("images", f"er_{model}_m{m}", kind="driver", model=model, samples=n, members=m, **img)
     m_long = (64 if quick else 128) if gpu else 2
-    long = {"kind": "driver", "model": "mlp", "stream": "permuted", "eval_every": 1000,
-            "eval_per_task": 100, "test_per_class": 100, "members": m_long}
-    add("long", "permuted_1_task", n_tasks=1, samples=pool, **long)
-    add("long", "permuted_17_tasks", n_tasks=17, samples=pool, **long)
+    # each job runs the 60,000-sample stream before and after the long one (run_long); the
+    # second evaluates only 10 test rows per task at task ends, so it times the streaming
+    # itself: evaluation under all 17 permutations at each of 17 task ends grows as 17^2
+    long = {"kind": "long", "model": "mlp", "stream": "permuted", "test_per_class": 100,
+            "members": m_long, "samples": pool, "n_tasks": 17, "short_tasks": 1,
+            "window_steps": pool // 10}
+    add("long", "permuted_17_tasks", eval_every=1000, eval_per_task=100, **long)
+    add("long", "permuted_17_tasks_light_eval", eval_every=0, test_per_task=10, **long)
     add("compile", "compile_per_learner", kind="compile")
     return jobs
 
@@ -148,12 +155,14 @@ def stream_config(job: dict):
     return streams.StreamConfig(
         kind=job.get("stream", "split"), n_tasks=job.get("n_tasks", 5), batch_size=10,
         task_free=True, eval_every=job.get("eval_every", 0),
-        eval_per_task=job.get("eval_per_task", 500),
+        eval_per_task=job.get("eval_per_task", 500), test_per_task=job.get("test_per_task", 0),
     )
 
 
 def run_driver(job: dict) -> dict:
-    """Online ER through ``ocljax.run.driver`` for ``job['members']`` seeds."""
+    """Online ER through ``ocljax.run.driver`` for ``job['members']`` seeds. With
+    ``job['window_steps']``, also the throughput of each window of that many steps (as the
+    driver reports progress, at chunk boundaries)."""
     import jax
 
     from ocljax import learners, models, precision, streams
@@ -171,10 +180,16 @@ def run_driver(job: dict) -> dict:
     seeds = list(range(M))
     stream = streams.build(cfg, ds, seeds)
     n_dev = job.get("devices") or devices_for(M, len(jax.local_devices()))
+    marks = []
     res = driver.run(learner, stream, ds, [learners.er.HParams(lr=0.1)] * M, seeds,
-                     n_devices=n_dev, precision=prec, compile_mode="optimized")
+                     n_devices=n_dev, precision=prec, compile_mode="optimized",
+                     blocks_per_chunk=job.get("blocks_per_chunk"),
+                     progress=lambda step, total, s: marks.append((step, s)))
     samples = int(stream.schedule.steps.fresh.sum()) * cfg.batch_size
     mem = res.extra["memory"]
+    windows = []
+    if job.get("window_steps"):
+        windows = window_rates(marks, job["window_steps"], M * cfg.batch_size)
     return {
         "members": M, "devices": n_dev, "precision": prec, "samples_per_seed": samples,
         "optimizer": job.get("optimizer", "sgd"),
@@ -184,7 +199,35 @@ def run_driver(job: dict) -> dict:
         "memory_per_member": mem["per_member"], "memory_per_device": mem["program"],
         "state_per_member": mem["state_per_member"], "shared_bytes": mem["shared"],
         "eval_batch": res.extra["eval_batch"],
+        **({"window_seed_samples_per_s": windows} if windows else {}),
     }
+
+
+def window_rates(marks: list[tuple[int, float]], window_steps: int, per_step: int) -> list:
+    """Throughput of consecutive windows of at least ``window_steps`` steps, from progress
+    marks ``(step, seconds since the run started)``; ``per_step``: seed-samples per step."""
+    out, last = [], (0, 0.0)
+    for step, sec in marks:
+        if step - last[0] >= window_steps or (step == marks[-1][0] and step > last[0]):
+            if sec > last[1]:
+                out.append(per_step * (step - last[0]) / (sec - last[1]))
+            last = (step, sec)
+    return out
+
+
+def run_long(job: dict) -> dict:
+    """The long stream (``job['n_tasks']`` tasks over the pool) between two runs of the short
+    one (``job['short_tasks']``), so that both sample the same stretch of a shared host's
+    noise: the row's throughput, the short runs', and their ratio."""
+    short = {**job, "n_tasks": job["short_tasks"]}
+    before = run_driver(short)
+    long = run_driver(job)
+    after = run_driver(short)
+    rates = [before["seed_samples_per_s"], after["seed_samples_per_s"]]
+    return {**long, "short_seed_samples_per_s": rates,
+            "short_memory_per_member": before["memory_per_member"],
+            "short_samples_per_seed": before["samples_per_seed"],
+            "ratio_vs_short": long["seed_samples_per_s"] / (sum(rates) / len(rates))}
 
 
 def run_torch(job: dict) -> dict:
@@ -255,7 +298,8 @@ def run_compile(job: dict) -> dict:
     return out
 
 
-RUNNERS = {"driver": run_driver, "torch": run_torch, "peak": run_peak, "compile": run_compile}
+RUNNERS = {"driver": run_driver, "long": run_long, "torch": run_torch, "peak": run_peak,
+           "compile": run_compile}
 
 
 def worker(jobs: list[dict]) -> None:
@@ -319,6 +363,9 @@ def describe(row: dict) -> str:
         text += f"  {row['ratio_vs_torch']:7.1f}x torch"
     if "fraction_of_roofline" in row:
         text += f"  {100 * row['fraction_of_roofline']:5.1f}% of roofline"
+    if "ratio_vs_short" in row:
+        text += (f"  {row['ratio_vs_short']:.3f}x the {row['short_samples_per_seed']:,}-sample "
+                 f"stream ({', '.join(f'{r:.0f}' for r in row['short_seed_samples_per_s'])})")
     return text + (f"  compile {row['compile_s']:5.1f} s  run {row['run_s']:7.2f} s  "
                    f"{row['memory_per_member'] / 2**20:6.2f} MiB/member  "
                    f"acc {row['final_average_accuracy']:.3f}")

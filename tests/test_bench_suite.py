@@ -19,8 +19,30 @@ def test_plan_covers_every_section_with_unique_names(gpu):
         assert {1024, 4096} <= set(members)  # the sweep sizes
         assert {j.get("precision") for j in jobs if j["section"] == "precision"} >= {
             "float32", "tf32", "bf16"}
-    long = {j["n_tasks"]: j for j in jobs if j["section"] == "long"}
-    assert long[17]["samples"] * 17 >= 1_000_000 and long[1]["samples"] == long[17]["samples"]
+    for long in (j for j in jobs if j["section"] == "long"):
+        assert long["samples"] * long["n_tasks"] >= 1_000_000 and long["short_tasks"] == 1
+
+
+def test_window_rates_split_progress_marks_into_windows():
+    marks = [(2000, 1.0), (4000, 2.0), (6000, 4.0), (8000, 5.0), (9000, 5.5)]
+    # windows: steps 0-4000 in 2 s, 4000-8000 in 3 s, the rest (1000 steps) in 0.5 s
+    assert suite.window_rates(marks, 4000, per_step=20) == pytest.approx(
+        [20 * 4000 / 2.0, 20 * 4000 / 3.0, 20 * 1000 / 0.5])
+    assert suite.window_rates([(100, 1.0)], 4000, per_step=1) == [100.0]
+
+
+def test_long_row_runs_the_short_stream_around_the_long_one():
+    job = {"section": "long", "name": "t", "kind": "long", "model": "mlp", "stream": "permuted",
+           "eval_every": 20, "eval_per_task": 10, "test_per_class": 5, "members": 1,
+           "samples": 300, "n_tasks": 3, "short_tasks": 1, "window_steps": 30,
+           "blocks_per_chunk": 1}
+    row = {**job, **suite.run_long(job)}  # as the worker writes it
+    assert row["samples_per_seed"] == 3 * row["short_samples_per_seed"] == 900
+    assert len(row["short_seed_samples_per_s"]) == 2
+    mean_short = sum(row["short_seed_samples_per_s"]) / 2
+    assert row["ratio_vs_short"] == pytest.approx(row["seed_samples_per_s"] / mean_short)
+    assert len(row["window_seed_samples_per_s"]) >= 2  # 90 steps in windows of >= 30
+    assert "x the 300-sample stream" in suite.describe(row)
 
 
 def test_plan_uses_real_mnist_when_given_a_data_dir():
