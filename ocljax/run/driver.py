@@ -15,9 +15,11 @@ The training pool and the test subsets are uploaded once; the host sends only in
 ``fold_in(fold_in(k, 2), t)``, so results depend neither on chunking nor on the other members.
 
 Compile effort (``compile_mode``): on a CPU, ``fast`` compiles every program of the run with
-LLVM's optimisation off (``xla_backend_optimization_level=0``): compilation takes about 40%
-less time, and the matmuls, which XLA:CPU hands to its GEMM library either way, keep their
-speed, while the fused elementwise code runs slower. ``auto`` (the default) chooses ``fast``
+LLVM's optimisation off (``xla_backend_optimization_level=0``) and with XLA:CPU's elemental
+emitters instead of its MLIR fusion emitters (``xla_cpu_use_fusion_emitters=False``; dropped
+where the installed XLA does not know the option, see ``fast_options``): compilation takes
+about half the time, and the matmuls, which XLA:CPU hands to its GEMM library either way, keep
+their speed, while the fused elementwise code runs slower. ``auto`` (the default) chooses ``fast``
 when a member's run is short: its estimated training work (XLA's FLOP count of one member's
 lowered update times the stream's steps, at ``AUTO_CPU_FLOPS``) is under
 ``AUTO_FAST_BELOW_S``. The estimate is per member, not per sweep, so that the choice, and with
@@ -44,6 +46,7 @@ Diagnostics: with ``OCLJAX_DUMP_HLO=DIR`` set, each run writes its optimized chu
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import threading
@@ -76,7 +79,10 @@ from ocljax.units import human_bytes
 
 AXIS = "members"
 COMPILE_MODES = ("auto", "fast", "optimized")
-FAST_OPTIONS = {"xla_backend_optimization_level": 0}  # XLA:CPU: LLVM -O0
+FAST_OPTIONS = {  # XLA:CPU, --compile fast
+    "xla_backend_optimization_level": 0,  # LLVM -O0
+    "xla_cpu_use_fusion_emitters": False,  # the elemental emitters: shorter compiles
+}
 AUTO_FAST_BELOW_S = 1.0  # auto: compile fast when one member's estimated work is shorter
 AUTO_CPU_FLOPS = 2e10  # one member's training FLOP/s assumed by that estimate (2 cores: 30-80)
 
@@ -97,8 +103,26 @@ def compiler_options(mode: str, backend: str, estimated_flops: float | None) -> 
         return None
     if mode == "fast" or (estimated_flops is not None
                           and estimated_flops / AUTO_CPU_FLOPS < AUTO_FAST_BELOW_S):
-        return dict(FAST_OPTIONS)
+        return fast_options()
     return None
+
+
+def fast_options() -> dict:
+    """``FAST_OPTIONS`` less any this jaxlib's XLA does not know: XLA's options come and go
+    between releases, and one it does not know fails every compilation."""
+    return {k: v for k, v in FAST_OPTIONS.items() if _option_known(k, v)}
+
+
+@functools.cache
+def _option_known(name: str, value) -> bool:
+    """Whether XLA compiles a trivial program with the option ``name=value``."""
+    try:
+        jax.jit(lambda x: x + 1).lower(np.float32(0)).compile({name: value})
+    except jax.errors.JaxRuntimeError as err:
+        if "compile option" in str(err):  # INVALID_ARGUMENT: No such compile option: ...
+            return False
+        raise
+    return True
 
 
 class CompileOnce:
