@@ -159,40 +159,25 @@ def stream_config(job: dict):
     )
 
 
-def run_driver(job: dict) -> dict:
+def run_driver(job: dict, sweep=None) -> dict:
     """Online ER through ``ocljax.run.driver`` for ``job['members']`` seeds. With
     ``job['window_steps']``, also the throughput of each window of that many steps (as the
-    driver reports progress, at chunk boundaries)."""
-    import jax
-
-    from ocljax import learners, models, precision, streams
+    driver reports progress, at chunk boundaries). ``sweep``: the job's sweep, compiled by
+    ``compile_driver`` (compiled here when None)."""
     from ocljax.run import driver
-    from ocljax.sweep import devices_for
 
-    ds = mlp_dataset(job["samples"], job.get("shape", (28, 28, 1)),
-                     job.get("test_per_class", 1000), job.get("dataset"), job.get("data_dir"))
-    cfg = stream_config(job)
-    prec = job.get("precision", "float32")
-    model = precision.cast_model(models.make_model(job["model"], 10), prec)
-    learner = learners.er.make(model, learners.er.Config(
-        buffer_size=1000, replay_batch=10, optimizer=job.get("optimizer", "sgd")))
-    M = job["members"]
-    seeds = list(range(M))
-    stream = streams.build(cfg, ds, seeds)
-    n_dev = job.get("devices") or devices_for(M, len(jax.local_devices()))
+    sweep = sweep or compile_driver(job)
+    M, cfg = sweep.members, sweep.stream.cfg
     marks = []
-    res = driver.run(learner, stream, ds, [learners.er.HParams(lr=0.1)] * M, seeds,
-                     n_devices=n_dev, precision=prec, compile_mode="optimized",
-                     blocks_per_chunk=job.get("blocks_per_chunk"),
-                     progress=lambda step, total, s: marks.append((step, s)))
-    samples = int(stream.schedule.steps.fresh.sum()) * cfg.batch_size
+    res = driver.execute(sweep, progress=lambda step, total, s: marks.append((step, s)))
+    samples = int(sweep.stream.schedule.steps.fresh.sum()) * cfg.batch_size
     mem = res.extra["memory"]
     windows = []
     if job.get("window_steps"):
         windows = window_rates(marks, job["window_steps"], M * cfg.batch_size)
     return {
-        "members": M, "devices": n_dev, "precision": prec, "samples_per_seed": samples,
-        "optimizer": job.get("optimizer", "sgd"),
+        "members": M, "devices": int(sweep.mesh.devices.size), "precision": sweep.precision,
+        "samples_per_seed": samples, "optimizer": job.get("optimizer", "sgd"),
         "compile_s": res.compile_s, "run_s": res.run_s,
         "seed_samples_per_s": M * samples / res.run_s,
         "final_average_accuracy": float(res.accuracy_matrix()[:, -1].mean()),
@@ -201,6 +186,30 @@ def run_driver(job: dict) -> dict:
         "eval_batch": res.extra["eval_batch"],
         **({"window_seed_samples_per_s": windows} if windows else {}),
     }
+
+
+def compile_driver(job: dict):
+    """The compiled sweep (``ocljax.run.driver.compile_sweep``, fully optimised) of a driver
+    job: online ER, SGD lr 0.1, buffer 1,000, 10 replayed rows, seeds ``0 .. members - 1``."""
+    import jax
+
+    from ocljax import learners, models, precision, streams
+    from ocljax.run import driver
+    from ocljax.sweep import devices_for
+
+    ds = mlp_dataset(job["samples"], job.get("shape", (28, 28, 1)),
+                     job.get("test_per_class", 1000), job.get("dataset"), job.get("data_dir"))
+    prec = job.get("precision", "float32")
+    model = precision.cast_model(models.make_model(job["model"], 10), prec)
+    learner = learners.er.make(model, learners.er.Config(
+        buffer_size=1000, replay_batch=10, optimizer=job.get("optimizer", "sgd")))
+    M = job["members"]
+    seeds = list(range(M))
+    stream = streams.build(stream_config(job), ds, seeds)
+    n_dev = job.get("devices") or devices_for(M, len(jax.local_devices()))
+    return driver.compile_sweep(learner, stream, ds, [learners.er.HParams(lr=0.1)] * M, seeds,
+                                n_devices=n_dev, precision=prec, compile_mode="optimized",
+                                blocks_per_chunk=job.get("blocks_per_chunk"))
 
 
 def window_rates(marks: list[tuple[int, float]], window_steps: int, per_step: int) -> list:
@@ -219,14 +228,16 @@ def run_long(job: dict) -> dict:
     """The long stream (``job['n_tasks']`` tasks over the pool) between two runs of the short
     one (``job['short_tasks']``), so that both sample the same stretch of a shared host's
     noise: the row's throughput, the short runs', and their ratio."""
-    short = {**job, "n_tasks": job["short_tasks"]}
-    before = run_driver(short)
+    short = compile_driver({**job, "n_tasks": job["short_tasks"]})  # compiled once, run twice
+    before = run_driver(job, short)
     long = run_driver(job)
-    after = run_driver(short)
+    after = run_driver(job, short)
     rates = [before["seed_samples_per_s"], after["seed_samples_per_s"]]
     return {**long, "short_seed_samples_per_s": rates,
             "short_memory_per_member": before["memory_per_member"],
             "short_samples_per_seed": before["samples_per_seed"],
+            "short_final_average_accuracy": [before["final_average_accuracy"],
+                                             after["final_average_accuracy"]],
             "ratio_vs_short": long["seed_samples_per_s"] / (sum(rates) / len(rates))}
 
 

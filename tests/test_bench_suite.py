@@ -39,6 +39,8 @@ def test_long_row_runs_the_short_stream_around_the_long_one():
     row = {**job, **suite.run_long(job)}  # as the worker writes it
     assert row["samples_per_seed"] == 3 * row["short_samples_per_seed"] == 900
     assert len(row["short_seed_samples_per_s"]) == 2
+    before, after = row["short_final_average_accuracy"]  # one compiled sweep, run twice
+    assert before == after
     mean_short = sum(row["short_seed_samples_per_s"]) / 2
     assert row["ratio_vs_short"] == pytest.approx(row["seed_samples_per_s"] / mean_short)
     assert len(row["window_seed_samples_per_s"]) >= 2  # 90 steps in windows of >= 30
