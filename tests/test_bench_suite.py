@@ -89,3 +89,16 @@ def test_compile_section_runs_a_learner_without_a_learning_rate():
     # the input-blind baseline has no lr to grid over; the section once crashed on it
     out = suite.run_compile({"learners": ["blind"]})
     assert out["blind"]["traces"] == 1 and out["blind"]["compile_s"] > 0
+    assert out["blind"]["fast_compile_s"] > 0  # a CPU compiles fast code too
+    assert ", fast " in suite.describe({"name": "c", "kind": "compile", "blind": out["blind"]})
+    # off a CPU both modes compile alike: no fast row, and the description still reads
+    gpu_like = {**out["blind"], "fast_compile_s": None, "fast_run_s": None,
+                "fast_over_optimized": None}
+    assert "fast" not in suite.describe({"name": "c", "kind": "compile", "blind": gpu_like})
+
+
+def test_gpu_plan_compiles_a_representative_subset():
+    (job,) = [j for j in suite.plan(True, quick=False, sections=("compile",))]
+    assert job["learners"] == list(suite.GPU_COMPILE_LEARNERS)
+    (cpu,) = [j for j in suite.plan(False, quick=False, sections=("compile",))]
+    assert "learners" not in cpu  # every registered learner
