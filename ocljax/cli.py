@@ -76,9 +76,9 @@ def build_parser(prog: str, description: str, preset: dict) -> argparse.Argument
                    help="matmul precision: float32 (default), tf32 (GPU TensorFloat-32) or "
                    "bf16 (bfloat16 compute, float32 parameters)")
     p.add_argument("--compile", choices=COMPILE_MODES, default="auto", dest="compile_mode",
-                   help="compile effort on a CPU: fast (LLVM optimisation off, elemental emitters: "
-                   "~60%% less compile time), optimized, or auto (default: fast for runs of a few seconds "
-                   "of work)")
+                   help="compile effort on a CPU: fast (LLVM optimisation off, elemental "
+                   "emitters: ~60%% less compile time), optimized, or auto (default: fast for "
+                   "runs of a few seconds of work)")
     p.add_argument("--compile-workers", type=int, dest="compile_workers", metavar="N",
                    help="threads that compile the variants ahead of their turn (default: one "
                    "per CPU core, at most 8; 1: compile each variant just before it runs)")
