@@ -18,10 +18,10 @@ Compile effort (``compile_mode``): on a CPU, ``fast`` compiles every program of 
 LLVM's optimisation off (``xla_backend_optimization_level=0``) and with XLA:CPU's elemental
 emitters instead of its MLIR fusion emitters (``xla_cpu_use_fusion_emitters=False``; dropped
 where the installed XLA does not know the option, see ``fast_options``): compilation takes
-about half the time, and the matmuls, which XLA:CPU hands to its GEMM library either way, keep
-their speed, while the fused elementwise code runs slower. ``auto`` (the default) chooses ``fast``
-when a member's run is short: its estimated training work (XLA's FLOP count of one member's
-lowered update times the stream's steps, at ``AUTO_CPU_FLOPS``) is under
+0.25-0.45 of the time, and the matmuls, which XLA:CPU hands to its GEMM library either way, keep
+their speed, while the fused elementwise code runs about 2.5x slower. ``auto`` (the default)
+chooses ``fast`` when a member's run is short: its estimated training work (XLA's FLOP count
+of one member's lowered update times the stream's steps, at ``AUTO_CPU_FLOPS``) is under
 ``AUTO_FAST_BELOW_S``. The estimate is per member, not per sweep, so that the choice, and with
 it the rounding of every number, is the same for a member of a sweep and for the single run
 with its seed (fast and optimised code round differently, and over a long stream such
