@@ -94,7 +94,8 @@ def test_compile_section_runs_a_learner_without_a_learning_rate():
     # off a CPU both modes compile alike: no fast row, and the description still reads
     gpu_like = {**out["blind"], "fast_compile_s": None, "fast_run_s": None,
                 "fast_over_optimized": None}
-    assert "fast" not in suite.describe({"name": "c", "kind": "compile", "blind": gpu_like})
+    text = suite.describe({"name": "c", "kind": "compile", "blind": gpu_like})
+    assert "fast" not in text and "(1 trace)" in text
 
 
 def test_gpu_plan_compiles_a_representative_subset():
