@@ -8,7 +8,7 @@ the episodic memory. If they conflict (``g . g_ref < 0``) the step uses the proj
     g~ = g - (g . g_ref / g_ref . g_ref) g_ref                                     (Eq. 11)
 
 which has ``g~ . g_ref = 0`` (the average memory loss does not increase to first order), else
-``g``. Gradients are flattened over all parameters (one projection, as in the paper and
+``g``. Gradients are one vector over all parameters (one projection, as in the paper and
 Avalanche), and ``g~`` is applied with the configured optimizer. With an empty memory the step is
 plain SGD on the stream.
 
@@ -57,9 +57,8 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.flatten_util import ravel_pytree
 
-from ocljax import optim
+from ocljax import optim, tree_math
 from ocljax.errors import ConfigError
 from ocljax.learners import er
 from ocljax.learners.supervised import (
@@ -239,14 +238,14 @@ def reference_rows(cfg: Config, state: State, key) -> tuple[PyTree, Array]:
 
 
 def project(g: PyTree, g_ref: PyTree, active=True) -> PyTree:
-    """A-GEM's rule (Eq. 11) on the flattened gradients: ``g - (g.g_ref / g_ref.g_ref) g_ref``
-    when ``active`` and ``g . g_ref < 0``, else ``g``."""
-    gf, unravel = ravel_pytree(g)
-    rf, _ = ravel_pytree(g_ref)
-    dot, rr = gf @ rf, rf @ rf
+    """A-GEM's rule (Eq. 11) over all parameters as one vector: ``g - (g.g_ref / g_ref.g_ref)
+    g_ref`` when ``active`` and ``g . g_ref < 0``, else ``g``. The inner products are summed
+    leaf by leaf (``ocljax.tree_math``): raveling the gradients into one vector made XLA:CPU's
+    scanned step up to 18x slower."""
+    dot, rr = tree_math.vdot(g, g_ref), tree_math.vdot(g_ref, g_ref)
     conflict = active & (dot < 0)
     coef = jnp.where(conflict, dot / jnp.where(conflict, rr, 1.0), 0.0)
-    return unravel(gf - coef * rf)
+    return jax.tree.map(lambda a, r: a - coef * r, g, g_ref)
 
 
 def update_state(model: Model, cfg: Config, state: State, batch: Batch, hp, key):
