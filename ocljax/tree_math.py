@@ -1,12 +1,12 @@
 """Inner products of parameter pytrees, leaf by leaf.
 
-Several methods treat the gradient over all parameters as one vector (A-GEM's projection,
-GSS's gradient cosines). ``jax.flatten_util.ravel_pytree`` gives that vector but materialises
-it with a ``concatenate`` of every leaf. Inside a ``lax.scan`` on XLA:CPU, that concatenate
-fuses with the gradients' bias reductions into a loop fusion which, at A-GEM's 256-row
-reference batch, took about 90% of each step (47-77 ms against 4 ms leafwise; see
-``docs/performance.md``, ninth round). The functions here give the same inner products as sums
-of per-leaf ones and never build the flat vector.
+A-GEM treats the gradient over all parameters as one vector. ``jax.flatten_util.ravel_pytree``
+gives that vector but materialises it with a ``concatenate`` of every leaf. Inside a
+``lax.scan`` on XLA:CPU, that concatenate fuses with the gradients' bias reductions into a loop
+fusion which, at A-GEM's 256-row reference batch, took about 90% of each step (47-77 ms against
+4 ms leafwise; see ``docs/performance.md``, ninth round). ``vdot`` gives the same inner product
+as a sum of per-leaf ones and never builds the flat vector. (GSS's per-sample gradient cosines
+were measured both ways: no difference, so GSS keeps its raveled rows.)
 """
 
 from __future__ import annotations
@@ -26,15 +26,3 @@ def vdot(a: PyTree, b: PyTree) -> Array:
     return sum((jnp.vdot(x, y) for x, y in zip(la, lb, strict=True)),
                start=jnp.zeros((), jnp.result_type(*la, *lb)))
 
-
-def gram(a: PyTree, b: PyTree) -> Array:
-    """``A @ B.T`` for pytrees whose leaves have a leading row axis (``a``: [n, ...] leaves,
-    ``b``: [m, ...] leaves), as if each row were raveled into one vector: [n, m]."""
-    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    if len(la) != len(lb):
-        raise ValueError(f"pytrees differ: {len(la)} leaves against {len(lb)}")
-    n, m = la[0].shape[0], lb[0].shape[0]
-    out = jnp.zeros((n, m), jnp.result_type(*la, *lb))
-    for x, y in zip(la, lb, strict=True):
-        out = out + x.reshape(n, -1) @ y.reshape(m, -1).T
-    return out

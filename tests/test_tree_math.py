@@ -9,11 +9,11 @@ from jax.flatten_util import ravel_pytree
 from ocljax import tree_math
 
 
-def _tree(key, lead=()):
+def _tree(key):
     k1, k2, k3 = jax.random.split(key, 3)
-    return {"dense": {"kernel": jax.random.normal(k1, (*lead, 7, 5)),
-                      "bias": jax.random.normal(k2, (*lead, 5))},
-            "scale": jax.random.normal(k3, (*lead, 3))}
+    return {"dense": {"kernel": jax.random.normal(k1, (7, 5)),
+                      "bias": jax.random.normal(k2, (5))},
+            "scale": jax.random.normal(k3, (3))}
 
 
 def test_vdot_is_the_dot_of_the_raveled_vectors():
@@ -23,19 +23,7 @@ def test_vdot_is_the_dot_of_the_raveled_vectors():
     np.testing.assert_allclose(tree_math.vdot(a, a), jnp.sum(ravel_pytree(a)[0] ** 2), rtol=1e-5)
 
 
-def test_gram_is_the_matrix_of_raveled_rows():
-    a, b = _tree(jax.random.PRNGKey(2), (4,)), _tree(jax.random.PRNGKey(3), (6,))
-    rows = lambda t, n: jnp.stack([ravel_pytree(jax.tree.map(lambda x: x[i], t))[0]  # noqa: E731
-                                   for i in range(n)])
-    want = rows(a, 4) @ rows(b, 6).T
-    got = tree_math.gram(a, b)
-    assert got.shape == (4, 6)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-
-
 def test_mismatched_trees_are_refused():
     a = _tree(jax.random.PRNGKey(0))
     with pytest.raises(ValueError, match="pytrees differ"):
         tree_math.vdot(a, {"scale": a["scale"]})
-    with pytest.raises(ValueError, match="pytrees differ"):
-        tree_math.gram(a, {"scale": a["scale"]})
