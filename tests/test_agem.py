@@ -80,6 +80,19 @@ def test_project_rule_on_a_hand_example():
     np.testing.assert_allclose(flat(agem.project(g, g)), flat(g))
 
 
+def test_leafwise_projection_equals_the_raveled_baseline_of_the_benchmark():
+    from benchmarks.agem_projection import project_raveled
+
+    params = MODEL.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))[0]
+    keys = iter(jax.random.split(jax.random.PRNGKey(1), 8))
+    g, g_ref = (jax.tree.map(lambda a: jax.random.normal(next(keys), a.shape), params)
+                for _ in range(2))
+    g_ref = jax.tree.map(lambda a, b: a - 2 * b, g_ref, g)  # make them conflict
+    assert flat(g) @ flat(g_ref) < 0
+    np.testing.assert_allclose(flat(agem.project(g, g_ref)), flat(project_raveled(g, g_ref)),
+                               rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("memory", ["reservoir", "per_task"])
 def test_empty_memory_gives_a_plain_sgd_step(memory):
     fmod, finetune = tiny_learner("finetune")
