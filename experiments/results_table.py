@@ -33,8 +33,10 @@ LEARNERS = ("finetune", "finetune@iid", "er", "er_ace", "der", "derpp", "mir", "
             "rar", "scr", "gdumb", "icarl", "lwf", "ewc_online", "mas", "er_ncm")
 EXTRA = {"gdumb": ["--eval-every", "0"]}
 ANCHOR = "agem_pmnist"
-# the anchor's run directories under the root: the preset's settings, then two variations
-ANCHOR_RUNS = (ANCHOR, f"{ANCHOR}_cyclic", f"{ANCHOR}_flaxinit", f"{ANCHOR}_unit")
+# the anchor's run directories under the root: the preset's settings (5 seeds, then 10), then
+# three variations
+ANCHOR_RUNS = (ANCHOR, f"{ANCHOR}_10", f"{ANCHOR}_cyclic", f"{ANCHOR}_flaxinit", f"{ANCHOR}_unit")
+ANCHOR_SEEDS = 5  # experiments.agem_pmnist's default seed count
 # experiments.agem_pmnist's settings; a run made before a setting existed has its default
 PRESET = {"input_norm": "standard", "init": "torch", "ref_draw": "random"}
 DEFAULTS = {"input_norm": "unit", "init": "flax", "ref_draw": "cyclic"}
@@ -42,7 +44,8 @@ DEFAULTS = {"input_norm": "unit", "init": "flax", "ref_draw": "cyclic"}
 
 def anchor_heading(run: Path) -> tuple[str, str]:
     """(heading, extra command-line settings) of an anchor run, from its own config.json (a
-    run made before a setting existed has that setting's default)."""
+    run made before a setting existed has that setting's default; a seed count other than
+    the preset's is named too)."""
     variant = json.loads((run / "config.json").read_text())["variants"][0]
     given = {**variant["model"], **variant["learner_config"]}
     got = {key: given.get(key, default) for key, default in DEFAULTS.items()}
@@ -56,6 +59,10 @@ def anchor_heading(run: Path) -> tuple[str, str]:
         heading = "Avalanche's protocol: " + heading
     extra = "".join(f" --set {key}={value}" for key, value in got.items()
                     if value != PRESET[key])
+    seeds = variant.get("n_members", ANCHOR_SEEDS)
+    if seeds != ANCHOR_SEEDS:
+        heading += f", {seeds} seeds"
+        extra = f" --seeds {seeds}" + extra
     return heading[0].upper() + heading[1:], extra
 
 
