@@ -9,8 +9,8 @@ Workload: one seed of task-free A-GEM (reservoir memory of 1,000 rows, SGD lr 0.
 6,000 samples (2,000 with ``--quick``), batch 10, task-end evaluation, reference batches of 128
 and 256 rows. Each (reference batch, projection) pair runs twice, alternating. Prints the time
 per step and the raveled/leafwise ratios of the fastest and of the slowest runs (the raveled
-form's time is bimodal across compilations of the same program), the accuracies, and writes
-JSON.
+form's time varied across compilations of the same program), the final accuracies (equal up to
+float32 rounding, which can move a short run by a few test rows), and writes JSON.
 
 On XLA:CPU the raveled form's ``concatenate`` fused with the bias gradients into a loop fusion
 that took most of each scanned step at 256 rows (``docs/performance.md``, ninth round).
