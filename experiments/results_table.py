@@ -114,7 +114,7 @@ NOTES = """## Notes on the numbers
   deviation; Avalanche's own reproduction test accepts anything down to 0.03 below 0.81 (0.02
   when the target was set), which ocljax meets. The [0, 1]-input run (0.902) is close to the
   A-GEM paper's own permuted-MNIST figure (about 0.89, Chaudhry et al. 2019).
-- **A-GEM on the split benchmarks** (0.53 / 0.48) is far below replay: it only stops the
+- **A-GEM on the split benchmarks** (0.52 / 0.46) is far below replay: it only stops the
   gradient from raising the memory loss, which does not prevent class-incremental forgetting
   of the output layer; the DER paper (Buzzega et al. 2020) reports the same pattern.
 - **LwF, online EWC and MAS** end at finetune's level on the class-incremental split
