@@ -8,6 +8,7 @@ from test_learner_contract import B, batches, step_of
 
 from ocljax import models
 from ocljax.learners import gss
+from ocljax.learners.supervised import init_net
 from ocljax.memory import reservoir
 
 CAP = 8  # TINY_CONFIG buffer_size
@@ -58,6 +59,26 @@ def test_per_sample_gradients_match_a_loop():
     got = jax.jit(gss.per_sample_grads, static_argnums=0)(MODEL, state.net, bs.x[0], bs.y[0])
     np.testing.assert_allclose(got, loop_grads(MODEL, state.net.params, bs.x[0], bs.y[0]),
                                rtol=1e-5, atol=1e-7)
+
+
+def test_dense_gram_is_the_gram_of_per_sample_gradients():
+    model = models.make_model("mlp", 5, width=12, depth=2)
+    bs = batches()
+    x, y = jnp.concatenate([bs.x[0], bs.x[1]]), jnp.concatenate([bs.y[0], bs.y[1]]) % 5
+    net = init_net(model, "sgd", jax.random.PRNGKey(3), x, 0.1)
+    gram = jax.jit(gss.dense_gram, static_argnums=0)(model, net, x, y)
+    g = loop_grads(model, net.params, x, y)
+    assert gram.shape == (len(y), len(y))
+    np.testing.assert_allclose(gram, g @ g.T, rtol=1e-4, atol=1e-6)
+
+
+def test_dense_gram_declines_parameters_outside_dense_layers():
+    x = jnp.zeros((3, 8, 8, 1), jnp.uint8)
+    y = jnp.zeros((3,), jnp.int32)
+    for name in ("cnn", "cnn_bn"):
+        model = models.make_model(name, 4, width=8)
+        net = init_net(model, "sgd", jax.random.PRNGKey(0), x, 0.1)
+        assert gss.dense_gram(model, net, x, y) is None, name
 
 
 def fill_with(second):

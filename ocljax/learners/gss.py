@@ -31,8 +31,16 @@ Details and deviations.
 * The candidate rows are drawn once per incoming batch and shared by its samples (as in
   Mammoth's ``gss_buffer``); Algorithm 2 draws them per sample, which for batch 10 costs 10x
   the candidate gradients for little change.
-* Per-sample gradients (``vmap`` of ``grad``, flattened over all parameters) use evaluation
-  mode (Mammoth's ``get_grads``), so a BatchNorm model is not normalised by a batch of one.
+* Per-sample gradients use evaluation mode (Mammoth's ``get_grads``), so a BatchNorm model is
+  not normalised by a batch of one. Only their inner products enter the score. When every
+  parameter belongs to a ``flax.linen.Dense`` layer applied once to [rows, features] inputs
+  (the MLPs), ``dense_gram`` computes them exactly without the per-sample gradients: row i's
+  kernel gradient is the outer product ``a_i (x) d_i`` of the layer's input and output
+  gradient, so ``<g_i, g_j> = sum over layers (a_i . a_j + 1) (d_i . d_j)`` (the 1 for the
+  bias; Goodfellow 2015, "Efficient per-example gradient computations"). That is one forward
+  and backward pass on the 20 rows instead of 20 raveled gradients of every parameter: 8-9x
+  faster per step for the 2x256 MLP (``benchmarks.gss_scoring``). Other models
+  (convolutions, BatchNorm) use ``vmap`` of ``grad`` (``per_sample_grads``).
 * The candidates' gradients are per-sample, as in Algorithm 2 (the official GSS_Greedy code
   compares with gradients of memory mini-batches instead).
 
@@ -46,6 +54,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
@@ -117,10 +126,64 @@ def per_sample_grads(model: Model, net: NetState, x: Array, y: Array) -> Array:
 def gss_scores(g: Array, G: Array, mask: Array) -> Array:
     """Score of each new gradient ``g`` [B, P] against candidate gradients ``G`` [n, P]
     (``mask`` [n] marks real candidates): ``max_i cos(g_b, G_i) + 1``, 0.1 with none."""
-    norms = jnp.linalg.norm(g, axis=1)[:, None] * jnp.linalg.norm(G, axis=1)[None, :]
-    cos = (g @ G.T) / jnp.maximum(norms, 1e-12)
+    return scores_from_products(g @ G.T, jnp.linalg.norm(g, axis=1), jnp.linalg.norm(G, axis=1),
+                                mask)
+
+
+def scores_from_products(dots: Array, norm_g: Array, norm_G: Array, mask: Array) -> Array:
+    """``gss_scores`` from the inner products ``dots`` [B, n] = ``g @ G.T`` and the norms
+    ``norm_g`` [B], ``norm_G`` [n]."""
+    cos = dots / jnp.maximum(norm_g[:, None] * norm_G[None, :], 1e-12)
     best = jnp.where(mask[None, :], cos, -jnp.inf).max(axis=1)
     return jnp.where(mask.any(), best + 1.0, EMPTY_SCORE)
+
+
+def dense_gram(model: Model, net: NetState, x: Array, y: Array) -> Array | None:
+    """Gram matrix [N, N] of the rows' per-sample gradients (as ``per_sample_grads`` gives
+    them, raveled) from each Dense layer's inputs ``a`` and output gradients ``d``:
+    ``sum over layers (a a^T + 1) * (d d^T)``, without forming the gradients. ``None`` (decided
+    while tracing, from shapes) unless every parameter belongs to a ``flax.linen.Dense`` called
+    once on a [N, features] input."""
+    layers = []
+
+    def forward(eps):
+        acts = []
+
+        def intercept(next_fun, args, kwargs, context):
+            if not (isinstance(context.module, nn.Dense) and context.method_name == "__call__"):
+                return next_fun(*args, **kwargs)
+            out = next_fun(*args, **kwargs)
+            acts.append(args[0])
+            if eps is None:
+                layers.append((context.module.scope.path, args[0].shape, out.shape,
+                               context.module.use_bias))
+                return out
+            return out + eps[len(acts) - 1]
+
+        with nn.intercept_methods(intercept):
+            logits, _, _ = model.apply(net.params, net.model_state, x, False)
+        return logits, acts
+
+    jax.eval_shape(lambda: forward(None)[0])
+    n = x.shape[0]
+    covered = sum(a[1] * o[1] + (o[1] if bias else 0) for _, a, o, bias in layers
+                  if len(a) == 2 and len(o) == 2)
+    total = sum(leaf.size for leaf in jax.tree.leaves(net.params))
+    if (not layers or covered != total or len({path for path, *_ in layers}) != len(layers)
+            or any(len(a) != 2 or a[0] != n for _, a, _, _ in layers)):
+        return None
+
+    def summed_loss(eps):  # the sum of the rows' losses: its output gradients are per row
+        logits, acts = forward(eps)
+        return cross_entropy(logits, y) * n, acts
+
+    eps = [jnp.zeros(out, jnp.float32) for _, _, out, _ in layers]
+    deltas, acts = jax.grad(summed_loss, has_aux=True)(eps)
+    gram = jnp.zeros((n, n), jnp.float32)
+    for a, d, (_, _, _, bias) in zip(acts, deltas, layers, strict=True):
+        a = a.astype(jnp.float32)
+        gram = gram + (a @ a.T + (1.0 if bias else 0.0)) * (d @ d.T)
+    return gram
 
 
 def select(key, n_seen, scores: Array, c: Array, valid: Array) -> tuple[Array, Array, Array]:
@@ -161,9 +224,15 @@ def flush(model: Model, cfg: Config, state: State, key, when=True) -> State:
     def score(_):
         idx, mask = reservoir.sample_indices(k_cand, reservoir.size(buffer), cfg.candidates)
         cand = jax.tree.map(lambda a: a[idx], buffer.data)
-        G = per_sample_grads(model, net, cand["x"], cand["y"])
-        g = per_sample_grads(model, net, state.pending["x"], state.pending["y"])
-        return gss_scores(g, G, mask)
+        B = state.pending["y"].shape[0]
+        rows = jax.tree.map(lambda p, c: jnp.concatenate([p, c]), state.pending, cand)
+        gram = dense_gram(model, net, rows["x"], rows["y"])
+        if gram is None:
+            G = per_sample_grads(model, net, cand["x"], cand["y"])
+            g = per_sample_grads(model, net, state.pending["x"], state.pending["y"])
+            return gss_scores(g, G, mask)
+        norms = jnp.sqrt(jnp.maximum(jnp.diagonal(gram), 0.0))
+        return scores_from_products(gram[:B, B:], norms[:B], norms[B:], mask)
 
     # skip the gradients on repeat passes (``when`` is shared by all members of a run)
     c = jax.lax.cond(jnp.any(when), score, lambda _: jnp.zeros(write.shape, jnp.float32), None)
