@@ -5,8 +5,9 @@ gives that vector but materialises it with a ``concatenate`` of every leaf. Insi
 ``lax.scan`` on XLA:CPU, that concatenate fuses with the gradients' bias reductions into a loop
 fusion which, at A-GEM's 256-row reference batch, took about 90% of each step (47-77 ms against
 4 ms leafwise; see ``docs/performance.md``, ninth round). ``vdot`` gives the same inner product
-as a sum of per-leaf ones and never builds the flat vector. (GSS's per-sample gradient cosines
-were measured both ways: no difference, so GSS keeps its raveled rows.)
+as a sum of per-leaf ones and never builds the flat vector. (For GSS's per-sample gradient
+cosines, summing leaf by leaf gained nothing: there the per-sample gradients themselves cost,
+and ``gss.dense_gram`` avoids forming them.)
 """
 
 from __future__ import annotations
