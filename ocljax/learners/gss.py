@@ -156,7 +156,7 @@ def dense_gram(model: Model, net: NetState, x: Array, y: Array) -> Array | None:
             acts.append(args[0])
             if eps is None:
                 layers.append((context.module.scope.path, args[0].shape, out.shape,
-                               context.module.use_bias))
+                               context.module.use_bias, out.dtype))
                 return out
             return out + eps[len(acts) - 1]
 
@@ -166,22 +166,22 @@ def dense_gram(model: Model, net: NetState, x: Array, y: Array) -> Array | None:
 
     jax.eval_shape(lambda: forward(None)[0])
     n = x.shape[0]
-    covered = sum(a[1] * o[1] + (o[1] if bias else 0) for _, a, o, bias in layers
+    covered = sum(a[1] * o[1] + (o[1] if bias else 0) for _, a, o, bias, _ in layers
                   if len(a) == 2 and len(o) == 2)
     total = sum(leaf.size for leaf in jax.tree.leaves(net.params))
     if (not layers or covered != total or len({path for path, *_ in layers}) != len(layers)
-            or any(len(a) != 2 or a[0] != n for _, a, _, _ in layers)):
+            or any(len(a) != 2 or a[0] != n for _, a, *_ in layers)):
         return None
 
     def summed_loss(eps):  # the sum of the rows' losses: its output gradients are per row
         logits, acts = forward(eps)
         return cross_entropy(logits, y) * n, acts
 
-    eps = [jnp.zeros(out, jnp.float32) for _, _, out, _ in layers]
+    eps = [jnp.zeros(out, dtype) for _, _, out, _, dtype in layers]  # the outputs' dtype
     deltas, acts = jax.grad(summed_loss, has_aux=True)(eps)
     gram = jnp.zeros((n, n), jnp.float32)
-    for a, d, (_, _, _, bias) in zip(acts, deltas, layers, strict=True):
-        a = a.astype(jnp.float32)
+    for a, d, (_, _, _, bias, _) in zip(acts, deltas, layers, strict=True):
+        a, d = a.astype(jnp.float32), d.astype(jnp.float32)
         gram = gram + (a @ a.T + (1.0 if bias else 0.0)) * (d @ d.T)
     return gram
 
