@@ -17,3 +17,15 @@ def write_json(path: str | Path, out: dict) -> Path:
     write_atomic(path, json.dumps(out, indent=1) + "\n")
     print(f"wrote {path}")
     return path
+
+
+def quick_args(prog: str, doc: str, argv=None, quick_help: str = "a shorter stream"):
+    """Parse the common command line of a benchmark: ``--quick`` and ``--json PATH`` (default
+    ``bench_results/<name>.json``, ``<name>`` the module's last dotted part)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog=prog, description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--json", default=f"bench_results/{prog.rsplit('.', 1)[-1]}.json")
+    return p.parse_args(argv)

@@ -18,7 +18,6 @@ that took most of each scanned step at 256 rows (``docs/performance.md``, ninth 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from unittest import mock
 
@@ -38,47 +37,28 @@ def project_raveled(g, g_ref, active=True):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="benchmarks.agem_projection", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="2,000 samples")
-    p.add_argument("--json", default="bench_results/agem_projection.json")
-    args = p.parse_args(argv)
+    from benchmarks import quick_args, write_json
+
+    args = quick_args("benchmarks.agem_projection", __doc__, argv, "2,000 samples")
 
 
     import jax
-    import numpy as np
 
-    from benchmarks import write_json
-    from benchmarks.throughput import HIDDEN
-    from ocljax import data, learners, models, streams
+    from benchmarks.throughput import one_seed, short_workload
     from ocljax.learners import agem
-    from ocljax.run import driver
 
-    per_class = 200 if args.quick else 600
-    ds = data.synthetic.load(num_classes=10, train_per_class=per_class, test_per_class=100,
-                             shape=(28, 28, 1), noise=60.0)
-    cfg = streams.StreamConfig(kind="split", n_tasks=5, batch_size=10, task_free=True,
-                               eval_every=0, eval_per_task=100)
-    model = models.make_model("mlp", 10, width=HIDDEN[0], depth=len(HIDDEN))
-    steps = len(ds.train_y) // cfg.batch_size
+    ds, cfg, model = short_workload(args.quick)
     rows = []
     for mem_batch in (128, 256):
         learner_cfg = agem.Config(buffer_size=1000, mem_batch=mem_batch)
         for projection in ("leafwise", "raveled") * 2:
             fn = agem.project if projection == "leafwise" else project_raveled
             with mock.patch.object(agem, "project", fn):  # traced inside driver.run
-                learner = learners.agem.make(model, learner_cfg)
-                stream = streams.build(cfg, ds, [0])
-                res = driver.run(learner, stream, ds, [agem.HParams(lr=0.1)], [0],
-                                 n_devices=1, compile_mode="optimized")
-            acc = np.asarray(res.accuracy_matrix())
-            rows.append({"mem_batch": mem_batch, "projection": projection,
-                         "compile_s": res.compile_s, "run_s": res.run_s,
-                         "ms_per_step": 1e3 * res.run_s / steps,
-                         "final_average_accuracy": float(acc[:, -1].mean())})
-            print(f"mem_batch {mem_batch:3d}  {projection:8s}  compile {res.compile_s:5.1f} s  "
-                  f"{rows[-1]['ms_per_step']:6.2f} ms/step  final acc "
-                  f"{rows[-1]['final_average_accuracy']:.4f}", flush=True)
+                row = one_seed(agem.make(model, learner_cfg), ds, cfg, agem.HParams(lr=0.1))
+            rows.append({"mem_batch": mem_batch, "projection": projection, **row})
+            print(f"mem_batch {mem_batch:3d}  {projection:8s}  compile {row['compile_s']:5.1f} s  "
+                  f"{row['ms_per_step']:6.2f} ms/step  final acc "
+                  f"{row['final_average_accuracy']:.4f}", flush=True)
 
     ratios = {}
     for mem_batch in (128, 256):
@@ -95,7 +75,8 @@ def main(argv=None) -> int:
               f"{ratios[str(mem_batch)]['slowest']:.2f}x (slowest runs); final accuracy "
               f"{accs['leafwise']:.4f} leafwise, {accs['raveled']:.4f} raveled")
     out = {"benchmark": "agem_projection", "quick": args.quick,
-           "backend": jax.default_backend(), "samples": len(ds.train_y), "steps": steps,
+           "backend": jax.default_backend(), "samples": len(ds.train_y),
+           "steps": len(ds.train_y) // cfg.batch_size,
            "rows": rows, "raveled_over_leafwise_time_per_step": ratios}
     write_json(args.json, out)
     return 0

@@ -68,6 +68,37 @@ def workload(quick: bool):
     return ds, cfg, learner
 
 
+def short_workload(quick: bool):
+    """The dataset, stream config and model of the per-learner benchmarks
+    (``benchmarks.agem_projection``, ``benchmarks.gss_scoring``): the synthetic split-MNIST-shaped
+    stream cut to 6,000 samples (2,000 with ``quick``), batch 10, task-end evaluation on 100 test
+    rows per task, and the benchmark's MLP."""
+    from ocljax import data, models, streams
+
+    ds = data.synthetic.load(num_classes=10, train_per_class=200 if quick else 600,
+                             test_per_class=100, shape=(28, 28, 1), noise=60.0)
+    cfg = streams.StreamConfig(kind="split", n_tasks=5, batch_size=10, task_free=True,
+                               eval_every=0, eval_per_task=100)
+    model = models.make_model("mlp", 10, width=HIDDEN[0], depth=len(HIDDEN))
+    return ds, cfg, model
+
+
+def one_seed(learner, ds, cfg, hp) -> dict:
+    """Run ``learner`` on seed 0 of ``cfg``'s stream over ``ds``, optimised, on one device:
+    compile and run time, time per step and final average accuracy."""
+    import numpy as np
+
+    from ocljax import streams
+    from ocljax.run import driver
+
+    stream = streams.build(cfg, ds, [0])
+    res = driver.run(learner, stream, ds, [hp], [0], n_devices=1, compile_mode="optimized")
+    steps = len(ds.train_y) // cfg.batch_size
+    return {"compile_s": res.compile_s, "run_s": res.run_s,
+            "ms_per_step": 1e3 * res.run_s / steps,
+            "final_average_accuracy": float(np.asarray(res.accuracy_matrix())[:, -1].mean())}
+
+
 def measure(S: int, quick: bool, one_device: bool = False) -> dict:
     """Run S seeds through the driver in this process, on the devices the CLI would use (or,
     with ``one_device``, all vmapped on a single device: the comparison for that default)."""
