@@ -41,7 +41,6 @@ def main(argv=None) -> int:
 
     args = quick_args("benchmarks.agem_projection", __doc__, argv, "2,000 samples")
 
-
     import jax
 
     from benchmarks.throughput import one_seed, short_workload

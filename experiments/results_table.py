@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+from experiments import agem_pmnist
 from ocljax import learners, report
 from ocljax.errors import OCLError
 from ocljax.run.results import write_atomic
@@ -36,7 +37,7 @@ ANCHOR = "agem_pmnist"
 # the anchor's run directories under the root: the preset's settings (5 seeds, then 10), then
 # three variations
 ANCHOR_RUNS = (ANCHOR, f"{ANCHOR}_10", f"{ANCHOR}_cyclic", f"{ANCHOR}_flaxinit", f"{ANCHOR}_unit")
-ANCHOR_SEEDS = 5  # experiments.agem_pmnist's default seed count
+ANCHOR_SEEDS = agem_pmnist.PRESET["seeds"]  # the preset's seed count
 # experiments.agem_pmnist's settings; a run made before a setting existed has its default
 PRESET = {"input_norm": "standard", "init": "torch", "ref_draw": "random"}
 DEFAULTS = {"input_norm": "unit", "init": "flax", "ref_draw": "cyclic"}

@@ -166,11 +166,11 @@ def dense_gram(model: Model, net: NetState, x: Array, y: Array) -> Array | None:
 
     jax.eval_shape(lambda: forward(None)[0])
     n = x.shape[0]
-    covered = sum(a[1] * o[1] + (o[1] if bias else 0) for _, a, o, bias, _ in layers
-                  if len(a) == 2 and len(o) == 2)
-    total = sum(leaf.size for leaf in jax.tree.leaves(net.params))
-    if (not layers or covered != total or len({path for path, *_ in layers}) != len(layers)
+    if (not layers or len({path for path, *_ in layers}) != len(layers)
             or any(len(a) != 2 or a[0] != n for _, a, *_ in layers)):
+        return None
+    covered = sum(a[1] * o[1] + (o[1] if bias else 0) for _, a, o, bias, _ in layers)
+    if covered != sum(leaf.size for leaf in jax.tree.leaves(net.params)):
         return None
 
     def summed_loss(eps):  # the sum of the rows' losses: its output gradients are per row
