@@ -1,11 +1,12 @@
-"""The shared gradient step: fused SGD is the same rule as optax's SGD."""
+"""The shared gradient step: fused SGD is the same rule as optax's SGD; ``net_learner``'s
+shared evaluation functions."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ocljax import models
-from ocljax.learners.supervised import cross_entropy_step, init_net
+from ocljax.learners.supervised import cross_entropy_step, init_net, net_learner
 
 
 def _steps(optimizer, n=5):
@@ -37,3 +38,24 @@ def test_fused_sgd_matches_optax_sgd():
     moved = [float(jnp.abs(a - b).max()) for a, b in
              zip(jax.tree.leaves(net_a.params), jax.tree.leaves(net0.params), strict=True)]
     assert min(moved) > 1e-4
+
+
+def test_net_learner_reads_the_network_of_either_state_shape():
+    """A bare NetState (finetune) and a state holding one as ``.net`` (ER and the rest) give
+    the model's evaluation-mode logits and penultimate features; evaluation prepares nothing."""
+    from typing import NamedTuple
+
+    class Holder(NamedTuple):
+        net: object
+        other: object
+
+    model = models.make_model("mlp", 4, width=16, depth=2)
+    x = jax.random.uniform(jax.random.PRNGKey(2), (3, 5, 5, 1))
+    net = init_net(model, "sgd", jax.random.PRNGKey(0), x, 0.1)
+    logits, feats, _ = model.apply(net.params, net.model_state, x, False)
+    learner = net_learner(model, init=None, update=None, hparams=())
+    for state in (net, Holder(net, jnp.ones(2))):
+        np.testing.assert_array_equal(learner.predict(state, x, ()), logits)
+        np.testing.assert_array_equal(learner.features(state, x, ()), feats)
+        assert learner.prepare_eval(state, (), None) is state
+    assert learner.predict(net, x, ()).shape == (3, 4)

@@ -61,16 +61,10 @@ import jax.numpy as jnp
 from ocljax import optim, tree_math
 from ocljax.errors import ConfigError
 from ocljax.learners import er
-from ocljax.learners.supervised import (
-    NetState,
-    apply_gradients,
-    init_net,
-    net_features,
-    predict_logits,
-)
+from ocljax.learners.supervised import NetState, apply_gradients, init_net, net_learner
 from ocljax.losses import cross_entropy
 from ocljax.memory import reservoir
-from ocljax.types import Array, Batch, Learner, Model, PyTree, identity_prepare_eval
+from ocljax.types import Array, Batch, Learner, Model, PyTree
 
 MEMORIES = ("reservoir", "per_task")
 REF_DRAWS = ("cyclic", "random")
@@ -293,9 +287,4 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
     def update(state: State, batch: Batch, hp: HParams, key):
         return update_state(model, cfg, state, batch, hp, key)
 
-    def predict(state: State, x, hp: HParams):
-        del hp
-        return predict_logits(model, state.net, x)
-
-    return Learner(init, update, predict, identity_prepare_eval, HParams(),
-                   features=net_features(model))
+    return net_learner(model, init, update, HParams())

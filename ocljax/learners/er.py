@@ -37,11 +37,10 @@ from ocljax.learners.supervised import (
     cross_entropy_step,
     gradient_step,
     init_net,
-    net_features,
-    predict_logits,
+    net_learner,
 )
 from ocljax.memory import reservoir
-from ocljax.types import Array, Batch, Learner, Model, identity_prepare_eval
+from ocljax.types import Array, Batch, Learner, Model
 
 
 @dataclass(frozen=True)
@@ -196,9 +195,4 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
     def update(state: State, batch: Batch, hp: HParams, key):
         return update_state(model, cfg, state, batch, hp, key)
 
-    def predict(state: State, x, hp: HParams):
-        del hp
-        return predict_logits(model, state.net, x)
-
-    return Learner(init, update, predict, identity_prepare_eval, HParams(),
-                   features=net_features(model))
+    return net_learner(model, init, update, HParams())

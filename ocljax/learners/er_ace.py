@@ -51,10 +51,10 @@ import jax
 import jax.numpy as jnp
 
 from ocljax.learners import er
-from ocljax.learners.supervised import NetState, gradient_step, net_features, predict_logits
+from ocljax.learners.supervised import NetState, gradient_step, net_learner
 from ocljax.losses import cross_entropy
 from ocljax.memory import reservoir
-from ocljax.types import Array, Batch, Learner, Model, identity_prepare_eval
+from ocljax.types import Array, Batch, Learner, Model
 
 MASKED_LOGIT = -1e9  # the authors' fill value: exp(-1e9 - max) is exactly 0 in float32
 
@@ -142,9 +142,4 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
     def update(state: State, batch: Batch, hp: HParams, key):
         return update_state(model, cfg, state, batch, hp, key)
 
-    def predict(state: State, x, hp: HParams):
-        del hp
-        return predict_logits(model, state.net, x)
-
-    return Learner(init, update, predict, identity_prepare_eval, HParams(),
-                   features=net_features(model))
+    return net_learner(model, init, update, HParams())

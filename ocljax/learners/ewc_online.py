@@ -62,14 +62,8 @@ import optax
 
 from ocljax import optim
 from ocljax.errors import ConfigError
-from ocljax.learners.supervised import (
-    NetState,
-    apply_gradients,
-    init_net,
-    net_features,
-    predict_logits,
-)
-from ocljax.types import Array, Batch, Learner, Model, PyTree, identity_prepare_eval
+from ocljax.learners.supervised import NetState, apply_gradients, init_net, net_learner
+from ocljax.types import Array, Batch, Learner, Model, PyTree
 
 TASK_FREE_HINT = "consolidate on a schedule with --set anchor_every=N (steps)"
 FISHER_MODES = ("batch", "per_sample")
@@ -172,9 +166,4 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
         new = State(net, fisher, consolidated, anchor, state.step + 1)
         return new, {"loss": ce + pen, "stream_logits": logits}
 
-    def predict(state: State, x, hp: HParams):
-        del hp
-        return predict_logits(model, state.net, x)
-
-    return Learner(init, update, predict, identity_prepare_eval, HParams(),
-                   features=net_features(model))
+    return net_learner(model, init, update, HParams())

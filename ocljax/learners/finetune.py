@@ -12,14 +12,8 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from ocljax import optim
-from ocljax.learners.supervised import (
-    NetState,
-    cross_entropy_step,
-    init_net,
-    net_features,
-    predict_logits,
-)
-from ocljax.types import Batch, Learner, Model, identity_prepare_eval
+from ocljax.learners.supervised import NetState, cross_entropy_step, init_net, net_learner
+from ocljax.types import Batch, Learner, Model
 
 
 @dataclass(frozen=True)
@@ -49,9 +43,4 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
         )
         return state, {"loss": loss, "stream_logits": logits}
 
-    def predict(state: State, x, hp: HParams):
-        del hp
-        return predict_logits(model, state, x)
-
-    return Learner(init, update, predict, identity_prepare_eval, HParams(),
-                   features=net_features(model))
+    return net_learner(model, init, update, HParams())

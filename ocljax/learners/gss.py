@@ -62,16 +62,10 @@ from jax.flatten_util import ravel_pytree
 from ocljax import optim
 from ocljax.errors import ConfigError
 from ocljax.learners import er
-from ocljax.learners.supervised import (
-    NetState,
-    cross_entropy_step,
-    init_net,
-    net_features,
-    predict_logits,
-)
+from ocljax.learners.supervised import NetState, cross_entropy_step, init_net, net_learner
 from ocljax.losses import cross_entropy
 from ocljax.memory import reservoir
-from ocljax.types import Array, Batch, Learner, Model, identity_prepare_eval
+from ocljax.types import Array, Batch, Learner, Model
 
 EMPTY_SCORE = 0.1  # score of a sample offered to an empty memory (Mammoth; see the docstring)
 
@@ -275,9 +269,4 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
     def update(state: State, batch: Batch, hp: HParams, key):
         return update_state(model, cfg, state, batch, hp, key)
 
-    def predict(state: State, x, hp: HParams):
-        del hp
-        return predict_logits(model, state.net, x)
-
-    return Learner(init, update, predict, identity_prepare_eval, HParams(),
-                   features=net_features(model))
+    return net_learner(model, init, update, HParams())

@@ -58,15 +58,9 @@ import jax.numpy as jnp
 
 from ocljax import optim
 from ocljax.errors import ConfigError
-from ocljax.learners.supervised import (
-    NetState,
-    gradient_step,
-    init_net,
-    net_features,
-    predict_logits,
-)
+from ocljax.learners.supervised import NetState, gradient_step, init_net, net_learner
 from ocljax.losses import cross_entropy
-from ocljax.types import Array, Batch, Learner, Model, PyTree, identity_prepare_eval
+from ocljax.types import Array, Batch, Learner, Model, PyTree
 
 TASK_FREE_HINT = "refresh the snapshot on a schedule with --set snapshot_every=N (steps)"
 
@@ -159,9 +153,4 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
         new = State(net, snapshot, snapshot_seen, seen, state.step + 1)
         return new, {"loss": loss, "stream_logits": logits}
 
-    def predict(state: State, x, hp: HParams):
-        del hp
-        return predict_logits(model, state.net, x)
-
-    return Learner(init, update, predict, identity_prepare_eval, HParams(),
-                   features=net_features(model))
+    return net_learner(model, init, update, HParams())

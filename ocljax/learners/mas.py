@@ -99,15 +99,9 @@ import optax
 
 from ocljax import optim
 from ocljax.errors import ConfigError
-from ocljax.learners.supervised import (
-    NetState,
-    gradient_step,
-    init_net,
-    net_features,
-    predict_logits,
-)
+from ocljax.learners.supervised import NetState, gradient_step, init_net, net_learner
 from ocljax.losses import masked_mean
-from ocljax.types import Array, Batch, Learner, Model, PyTree, identity_prepare_eval
+from ocljax.types import Array, Batch, Learner, Model, PyTree
 
 CONSOLIDATE_MODES = ("plateau", "boundary")
 TASK_FREE_HINT = "use the default --set consolidate=plateau (loss-plateau detection)"
@@ -334,9 +328,4 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
         del key
         return update_state(model, cfg, state, batch, hp)
 
-    def predict(state: State, x, hp: HParams):
-        del hp
-        return predict_logits(model, state.net, x)
-
-    return Learner(init, update, predict, identity_prepare_eval, HParams(),
-                   features=net_features(model))
+    return net_learner(model, init, update, HParams())

@@ -50,9 +50,9 @@ import optax
 
 from ocljax.errors import ConfigError
 from ocljax.learners import er
-from ocljax.learners.supervised import NetState, net_features, predict_logits
+from ocljax.learners.supervised import NetState, net_learner
 from ocljax.losses import cross_entropy
-from ocljax.types import Array, Batch, Learner, Model, identity_prepare_eval
+from ocljax.types import Array, Batch, Learner, Model
 
 __all__ = ["Config", "HParams", "State", "check_config", "interference_scores", "make",
            "retrieve", "update_state"]
@@ -149,9 +149,4 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
     def update(state: State, batch: Batch, hp: HParams, key):
         return update_state(model, cfg, state, batch, hp, key)
 
-    def predict(state: State, x, hp: HParams):
-        del hp
-        return predict_logits(model, state.net, x)
-
-    return Learner(init, update, predict, identity_prepare_eval, HParams(),
-                   features=net_features(model))
+    return net_learner(model, init, update, HParams())

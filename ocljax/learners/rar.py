@@ -71,9 +71,9 @@ from ocljax import augment as augment_lib
 from ocljax.errors import ConfigError
 from ocljax.learners import er
 from ocljax.learners.mir import virtual_params
-from ocljax.learners.supervised import NetState, gradient_step, net_features, predict_logits
+from ocljax.learners.supervised import NetState, gradient_step, net_learner
 from ocljax.models import to_float
-from ocljax.types import Array, Batch, Learner, Model, identity_prepare_eval
+from ocljax.types import Array, Batch, Learner, Model
 
 __all__ = ["Config", "HParams", "State", "attack", "check_config", "make", "perturb_replay",
            "update_state"]
@@ -214,9 +214,4 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
     def update(state: State, batch: Batch, hp: HParams, key):
         return update_state(model, cfg, state, batch, hp, key)
 
-    def predict(state: State, x, hp: HParams):
-        del hp
-        return predict_logits(model, state.net, x)
-
-    return Learner(init, update, predict, identity_prepare_eval, HParams(),
-                   features=net_features(model))
+    return net_learner(model, init, update, HParams())

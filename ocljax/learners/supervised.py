@@ -14,7 +14,7 @@ import jax
 
 from ocljax import optim
 from ocljax.losses import cross_entropy
-from ocljax.types import Array, Model, PyTree
+from ocljax.types import Array, Learner, Model, PyTree, identity_prepare_eval
 
 
 class NetState(NamedTuple):
@@ -106,3 +106,18 @@ def net_features(model: Model) -> Callable[..., Array]:
         return model.apply(net.params, net.model_state, x, False)[1]
 
     return features
+
+
+def net_learner(model: Model, init: Callable[..., PyTree], update: Callable, hparams) -> Learner:
+    """The ``Learner`` of a method whose state is a ``NetState`` or holds one as ``state.net``
+    and that evaluates that network as it is: the method's own ``init`` and ``update``, with
+    the ``predict`` (evaluation-mode logits), ``prepare_eval`` (identity) and ``features``
+    (``net_features``) that all such methods share. ``hparams`` are its default traced
+    hyperparameters."""
+
+    def predict(state, x: Array, hp) -> Array:
+        del hp
+        return predict_logits(model, state if isinstance(state, NetState) else state.net, x)
+
+    return Learner(init, update, predict, identity_prepare_eval, hparams,
+                   features=net_features(model))
