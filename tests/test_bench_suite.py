@@ -1,6 +1,7 @@
 """The benchmark suite's plan and arithmetic (the timings themselves live in benchmarks/)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -103,3 +104,20 @@ def test_gpu_plan_compiles_a_representative_subset():
     assert job["learners"] == list(suite.GPU_COMPILE_LEARNERS)
     (cpu,) = [j for j in suite.plan(False, quick=False, sections=("compile",))]
     assert "learners" not in cpu  # every registered learner
+
+
+@pytest.mark.slow
+def test_one_seed_split_benchmark_computes_the_same_step(tmp_path):
+    # its own process: the benchmark sets two virtual CPU devices before jax is imported
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "split.json"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    subprocess.run([sys.executable, "-m", "benchmarks.one_seed_split", "--quick", "--json",
+                    str(out)], check=True, env=env, cwd=Path(__file__).parents[1])
+    res = json.loads(out.read_text())
+    assert res["collectives_in_split_program"] == 1  # one all-reduce per step, as designed
+    assert res["max_weight_difference_one_step"] < 1e-5  # the split is the same function
+    assert set(res["best_ms_per_step"]) == {"one device", "split", "half width"}
