@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 
 from ocljax import learners, streams
-from ocljax.errors import ConfigError, Interrupted, OCLError
+from ocljax.errors import ConfigError, Interrupted, OCLError, did_you_mean
 from ocljax.precision import PRECISIONS
 from ocljax.run.driver import COMPILE_MODES
 from ocljax.sweep import (
@@ -232,7 +232,9 @@ def plan(args, preset: dict):
         known = sorted({*STREAM_FIELDS, *model_settings,
                         *(k for s in specs for k in learners.config_fields(s.partition("@")[0])),
                         *(k for s in specs for k in learners.hparam_fields(s.partition("@")[0]))})
-        raise ConfigError(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        raise ConfigError(f"unknown setting(s) "
+                          f"{', '.join(k + did_you_mean(k, known) for k in unknown)}; "
+                          f"known: {', '.join(known)}")
     return args.dataset, variants
 
 

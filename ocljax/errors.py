@@ -1,5 +1,10 @@
 """User-facing errors: one clear message, non-zero exit, no traceback (see ``ocljax.cli``)."""
 
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
 
 class OCLError(Exception):
     """Base class for errors caused by the user's input or environment, not by a bug."""
@@ -11,6 +16,21 @@ class ConfigError(OCLError):
 
 class DataError(OCLError):
     """A data file that is missing, corrupt, or a dataset that cannot be obtained."""
+
+
+def did_you_mean(value, choices: Iterable) -> str:
+    """`` (did you mean 'x'?)`` when ``value`` looks like a typo of one or two of ``choices``,
+    else ``""``."""
+    near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=2, cutoff=0.6)
+    return f" (did you mean {' or '.join(map(repr, near))}?)" if near else ""
+
+
+def unknown_choice(what: str, value, choices: Iterable) -> str:
+    """The message for an unknown ``what`` (``"learner"``, ``"dataset"``, ...): the value, a
+    suggestion when it looks like a typo, and every choice."""
+    choices = [str(c) for c in choices]
+    return f"unknown {what} {value!r}{did_you_mean(value, choices)}; choose one of " \
+           f"{', '.join(choices)}"
 
 
 class Interrupted(Exception):  # noqa: N818 - a stop request, not a failure

@@ -25,7 +25,7 @@ import contextlib
 import jax
 import jax.numpy as jnp
 
-from ocljax.errors import ConfigError
+from ocljax.errors import ConfigError, unknown_choice
 from ocljax.types import Model
 
 PRECISIONS = ("float32", "tf32", "bf16")
@@ -35,7 +35,7 @@ _MATMUL = {"float32": "highest", "tf32": "tensorfloat32", "bf16": "default"}
 def check(name: str) -> str:
     """Return ``name`` if it is a known precision, else raise ``ConfigError``."""
     if name not in PRECISIONS:
-        raise ConfigError(f"unknown precision {name!r}; choose one of {', '.join(PRECISIONS)}")
+        raise ConfigError(unknown_choice("precision", name, PRECISIONS))
     return name
 
 

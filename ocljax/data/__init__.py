@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ocljax.data import digits, idx, synthetic, tfds_source
 from ocljax.data.dataset import Dataset, validate
-from ocljax.errors import DataError
+from ocljax.errors import DataError, unknown_choice
 
 EMBEDDED = {"digits": digits.load, "synthetic": synthetic.load}
 IDX_DATASETS = tuple(idx.SHA256)
@@ -40,7 +40,7 @@ def load(name: str, data_dir: str | os.PathLike | None = None, download: bool = 
     if name in EMBEDDED:
         return EMBEDDED[name]()
     if name not in IDX_DATASETS:
-        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+        raise DataError(unknown_choice("dataset", name, DATASETS))
     tried = []
     data_dir = data_dir or os.environ.get(ENV_VAR)
     if data_dir:

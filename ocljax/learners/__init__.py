@@ -17,7 +17,7 @@ import importlib
 from collections.abc import Iterator, Mapping
 from types import ModuleType
 
-from ocljax.errors import ConfigError
+from ocljax.errors import ConfigError, unknown_choice
 
 # name -> (module under ocljax.learners, one-line description)
 LEARNERS: dict[str, tuple[str, str]] = {
@@ -65,9 +65,7 @@ REGISTRY: Mapping[str, ModuleType] = _Registry()
 def get(name: str) -> ModuleType:
     """The learner module registered as ``name``; ``ConfigError`` listing choices otherwise."""
     if name not in LEARNERS:
-        raise ConfigError(
-            f"unknown learner {name!r}; choose one of {', '.join(sorted(LEARNERS))}"
-        )
+        raise ConfigError(unknown_choice("learner", name, sorted(LEARNERS)))
     return REGISTRY[name]
 
 

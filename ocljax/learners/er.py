@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import optax
 
 from ocljax import optim
-from ocljax.errors import ConfigError
+from ocljax.errors import ConfigError, unknown_choice
 from ocljax.learners.supervised import (
     NetState,
     cross_entropy_step,
@@ -79,7 +79,7 @@ def check_config(cfg: Config) -> None:
     optim.check(cfg.optimizer)
     mode = getattr(cfg, "replay_loss", "joint")
     if mode not in REPLAY_LOSSES:
-        raise ConfigError(f"unknown replay_loss {mode!r}; choose one of {', '.join(REPLAY_LOSSES)}")
+        raise ConfigError(unknown_choice("replay_loss", mode, REPLAY_LOSSES))
 
 
 def replay_loss_weights(mode: str, n_stream: int, replay_weights: Array) -> tuple[Array, Array]:
@@ -98,7 +98,7 @@ def replay_loss_weights(mode: str, n_stream: int, replay_weights: Array) -> tupl
         return jnp.concatenate([stream, w]), n_stream + w.sum()
     if mode == "sum":
         return jnp.concatenate([stream / n_stream, w / jnp.maximum(w.sum(), 1.0)]), 1.0
-    raise ConfigError(f"unknown replay_loss {mode!r}; choose one of {', '.join(REPLAY_LOSSES)}")
+    raise ConfigError(unknown_choice("replay_loss", mode, REPLAY_LOSSES))
 
 
 def replay_step(model: Model, cfg, net: NetState, stream: dict, replay: dict, replay_mask,

@@ -61,7 +61,7 @@ import jax.numpy as jnp
 import optax
 
 from ocljax import optim
-from ocljax.errors import ConfigError
+from ocljax.errors import ConfigError, unknown_choice
 from ocljax.learners.supervised import NetState, apply_gradients, init_net, net_learner
 from ocljax.types import Array, Batch, Learner, Model, PyTree
 
@@ -98,8 +98,7 @@ def check_config(cfg: Config) -> None:
             f"anchor_every must be >= 0 (0 = at task boundaries), got {cfg.anchor_every}"
         )
     if cfg.fisher not in FISHER_MODES:
-        raise ConfigError(f"unknown fisher {cfg.fisher!r}; choose one of "
-                          f"{', '.join(FISHER_MODES)}")
+        raise ConfigError(unknown_choice("fisher", cfg.fisher, FISHER_MODES))
     optim.check(cfg.optimizer)
 
 

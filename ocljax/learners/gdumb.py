@@ -57,7 +57,7 @@ import jax
 import jax.numpy as jnp
 
 from ocljax import optim
-from ocljax.errors import ConfigError
+from ocljax.errors import ConfigError, unknown_choice
 from ocljax.learners.supervised import (
     NetState,
     cross_entropy_step,
@@ -101,8 +101,7 @@ def check_config(cfg: Config) -> None:
     if cfg.retrain_batch < 1:
         raise ConfigError(f"retrain_batch must be >= 1, got {cfg.retrain_batch}")
     if cfg.schedule not in SCHEDULES:
-        raise ConfigError(
-            f"unknown schedule {cfg.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        raise ConfigError(unknown_choice("schedule", cfg.schedule, SCHEDULES))
     optim.check(cfg.optimizer)
 
 

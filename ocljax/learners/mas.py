@@ -98,7 +98,7 @@ import jax.numpy as jnp
 import optax
 
 from ocljax import optim
-from ocljax.errors import ConfigError
+from ocljax.errors import ConfigError, unknown_choice
 from ocljax.learners.supervised import NetState, gradient_step, init_net, net_learner
 from ocljax.losses import masked_mean
 from ocljax.types import Array, Batch, Learner, Model, PyTree
@@ -150,8 +150,7 @@ def check_config(cfg: Config) -> None:
     if cfg.window < 1:
         raise ConfigError(f"window (loss window length) must be >= 1, got {cfg.window}")
     if cfg.consolidate not in CONSOLIDATE_MODES:
-        raise ConfigError(f"unknown consolidate {cfg.consolidate!r}; choose one of "
-                          f"{', '.join(CONSOLIDATE_MODES)}")
+        raise ConfigError(unknown_choice("consolidate", cfg.consolidate, CONSOLIDATE_MODES))
     optim.check(cfg.optimizer)
 
 

@@ -68,7 +68,7 @@ import jax.numpy as jnp
 import optax
 
 from ocljax import augment as augment_lib
-from ocljax.errors import ConfigError
+from ocljax.errors import ConfigError, unknown_choice
 from ocljax.learners import er
 from ocljax.learners.mir import virtual_params
 from ocljax.learners.supervised import NetState, gradient_step, net_learner
@@ -110,9 +110,7 @@ def check_config(cfg: Config) -> None:
     if cfg.attack_steps < 0:
         raise ConfigError(f"attack_steps must be >= 0, got {cfg.attack_steps}")
     if cfg.attack_space not in ATTACK_SPACES:
-        raise ConfigError(
-            f"unknown attack_space {cfg.attack_space!r}; choose one of {', '.join(ATTACK_SPACES)}"
-        )
+        raise ConfigError(unknown_choice("attack_space", cfg.attack_space, ATTACK_SPACES))
     augment_lib.parse(cfg.augment)
 
 

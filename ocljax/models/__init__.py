@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ocljax.errors import ConfigError
+from ocljax.errors import ConfigError, unknown_choice
 from ocljax.models.adapter import (
     INITS,
     INPUT_NORMS,
@@ -45,7 +45,7 @@ def make_model(
         return small_cnn(num_classes, width=width)
     if name == "cnn_bn":
         return small_cnn(num_classes, width=width, batch_norm=True)
-    raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    raise ConfigError(unknown_choice("model", name, MODELS))
 
 
 __all__ = ["INITS", "INPUT_NORMS", "MODELS", "channel_stats", "from_linen", "make_model", "mlp",

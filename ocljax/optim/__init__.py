@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import optax
 
-from ocljax.errors import ConfigError
+from ocljax.errors import ConfigError, unknown_choice
 
 OPTIMIZERS = ("sgd", "adam", "sgd_optax")
 
@@ -25,11 +25,11 @@ def build(name: str, lr) -> optax.GradientTransformation:
         return optax.sgd(lr)
     if name == "adam":
         return optax.adam(lr)
-    raise ConfigError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    raise ConfigError(unknown_choice("optimizer", name, OPTIMIZERS))
 
 
 def check(name: str) -> str:
     """Validate an optimizer name at configuration time; returns it."""
     if name not in OPTIMIZERS:
-        raise ConfigError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+        raise ConfigError(unknown_choice("optimizer", name, OPTIMIZERS))
     return name

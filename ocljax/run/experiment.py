@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from ocljax import data, learners, metrics, models, precision, streams
-from ocljax.errors import ConfigError
+from ocljax.errors import ConfigError, unknown_choice
 from ocljax.run import driver, plots, probing, results
 from ocljax.run.checkpoint import Checkpointer, Interrupted
 from ocljax.run.progress import Progress
@@ -51,8 +51,7 @@ class ModelConfig:
         precision.check(self.precision)
         for key, known in (("input_norm", models.INPUT_NORMS), ("init", models.INITS)):
             if getattr(self, key) not in known:
-                raise ConfigError(f"unknown {key} {getattr(self, key)!r}; choose one of "
-                                  f"{', '.join(known)}")
+                raise ConfigError(unknown_choice(key, getattr(self, key), known))
         for key in ("width", "depth"):
             value = getattr(self, key)
             if value is not None and value < 1:

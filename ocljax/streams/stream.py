@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ocljax.errors import ConfigError
+from ocljax.errors import ConfigError, unknown_choice
 from ocljax.streams import schedule as schedule_lib
 
 KINDS = ("split", "permuted")
@@ -57,7 +57,7 @@ class StreamConfig:
     def check(self) -> None:
         """Raise ``ConfigError`` for unknown kinds and impossible sizes."""
         if self.kind not in KINDS:
-            raise ConfigError(f"unknown stream {self.kind!r}; choose one of {', '.join(KINDS)}")
+            raise ConfigError(unknown_choice("stream", self.kind, KINDS))
         if self.class_order not in ("fixed", "random"):
             raise ConfigError(f"class_order must be 'fixed' or 'random', got {self.class_order!r}")
         for name in ("n_tasks", "batch_size", "passes"):
