@@ -1,7 +1,7 @@
 """Compare finished runs::
 
     python -m ocljax.report RUN_DIR [RUN_DIR ...] [--out DIR] [--no-plots] [--no-html]
-                            [--tensorboard TBDIR] [--columns a,b,...]
+                            [--tensorboard TBDIR] [--columns a,b,...] [--pool]
 
 Reads each run directory's ``config.json`` and ``summary.json`` (written by every experiment)
 and prints one Markdown table per benchmark (experiment and dataset): a row per variant and
@@ -36,6 +36,10 @@ out the plots / the page. ``--tensorboard TBDIR`` writes the seed-aggregated cur
 TensorBoard event files (no TensorFlow needed), one subfolder per group, tags
 ``anytime_accuracy/mean``, ``anytime_accuracy/std`` and ``accuracy_on_task/<j>``.
 
+``--pool`` merges the rows of runs that differ only in their seeds (seeds 0-9 run one day,
+10-19 the next with ``--seed 10``) into one row each, its statistics and plots over all their
+members (``pool``); a seed held by two of the runs is an error.
+
 Rows are labelled with the variant (``er``, ``finetune@iid``, ...), ``*`` when the learner was
 given task boundaries (the stream was not task-free), and the swept hyperparameters.
 """
@@ -44,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import json
 import sys
@@ -53,7 +58,7 @@ from pathlib import Path
 
 from ocljax import report_data, report_html, report_plots
 from ocljax.errors import ConfigError, DataError, OCLError
-from ocljax.run import tensorboard
+from ocljax.run import results, tensorboard
 from ocljax.run.results import METRICS, write_atomic
 from ocljax.units import human_bytes, human_flops, human_seconds
 
@@ -115,6 +120,13 @@ class Row:
     run_dir: str
     command: list = field(default_factory=list)
     variant: str = ""  # the variant's label in the run (``label`` may carry " (incomplete)")
+    settings: str = ""  # the variant's configuration without its member count (canonical JSON)
+    pooled: tuple = ()  # rows of other runs whose members this row's statistics include
+
+    @property
+    def run_dirs(self) -> list[str]:
+        """This row's run directory, then those of the rows pooled into it."""
+        return [self.run_dir, *(r.run_dir for r in self.pooled)]
 
 
 def _read_json(path: Path, name: str):
@@ -156,11 +168,58 @@ def load_run(path: str | Path) -> list[Row]:
             n=g.get("n", 0), n_diverged=g.get("n_diverged", 0),
             stats={k: g.get(k) if isinstance(g.get(k), dict) else None for k in ALL_METRICS},
             run_dir=str(path), command=config.get("command", []), variant=g["variant"],
+            settings=json.dumps({k: x for k, x in v.items() if k != "n_members"},
+                                sort_keys=True),
         ))
     if not summary.get("complete", True):
         for r in rows:
             r.label += " (incomplete)"
     return rows
+
+
+def pool(rows: list[Row]) -> list[Row]:
+    """Merge the rows of separate runs of one setting into one row each: rows of complete
+    runs with the same benchmark, variant, hyperparameters and configuration (everything but
+    the member count), e.g. seeds 0-9 run one day and seeds 10-19 the next
+    (``--seed 10 --seeds 10``). A merged row's statistics are computed anew over all its
+    members (``summary.json``), it keeps the first run's place, and its plots hold every run's
+    members. ``DataError`` when two of the runs hold the same seed of a group (it would count
+    twice) or a run's summary lacks its members."""
+    groups: dict[str, list[Row]] = {}
+    for r in rows:
+        if r.settings and not r.label.endswith(" (incomplete)"):
+            key = json.dumps([r.benchmark, r.variant, r.hparams, r.settings], sort_keys=True)
+            groups.setdefault(key, []).append(r)
+    out, merged = [], {id(g[0]): g for g in groups.values() if len(g) > 1}
+    dropped = {id(r) for g in merged.values() for r in g[1:]}
+    for r in rows:
+        if id(r) in dropped:
+            continue
+        out.append(_merge(merged[id(r)]) if id(r) in merged else r)
+    return out
+
+
+def _merge(rows: list[Row]) -> Row:
+    members, seeds = [], {}
+    for r in rows:
+        summary = _read_json(Path(r.run_dir), "summary.json")
+        mine = [m for m in summary.get("members", []) if isinstance(m, dict)
+                and m.get("variant") == r.variant and m.get("hparams", {}) == r.hparams]
+        if len(mine) != r.n + r.n_diverged:
+            raise DataError(f"{r.run_dir}: summary.json lists {len(mine)} members of "
+                            f"{r.variant}, its group {r.n + r.n_diverged}; cannot pool it")
+        for m in mine:
+            if m.get("seed") in seeds:
+                raise DataError(f"seed {m.get('seed')} of {r.variant} is in both "
+                                f"{seeds[m.get('seed')]} and {r.run_dir}: pooling would "
+                                "count it twice")
+            seeds[m.get("seed")] = r.run_dir
+        members += [{**m, "diverged": bool(m.get("diverged"))} for m in mine]
+    (g,) = results.group_summary(members, ALL_METRICS)
+    # as summary.json has them: every run metric, the rest only where members have values
+    stats = {k: g[k] if k in METRICS or g[k]["mean"] is not None else None for k in ALL_METRICS}
+    return dataclasses.replace(rows[0], n=g["n"], n_diverged=g["n_diverged"], stats=stats,
+                               pooled=tuple(rows[1:]))
 
 
 def row_name(row: Row, show_hparams: bool) -> str:
@@ -323,16 +382,17 @@ def to_csv(rows: list[Row]) -> str:
         stats = [r.stats[m].get(s) if r.stats.get(m) else None
                  for m in ALL_METRICS for s in ("mean", "std")]
         w.writerow([r.benchmark, r.label, r.learner, json.dumps(r.hparams, sort_keys=True),
-                    r.boundaries, r.n, r.n_diverged, *stats, r.run_dir])
+                    r.boundaries, r.n, r.n_diverged, *stats, ";".join(r.run_dirs)])
     return buf.getvalue()
 
 
 # --- outputs ---------------------------------------------------------------------------------
 
 def run_commands(rows: list[Row]) -> list[tuple[str, list[str]]]:
-    """``(run_dir, command)`` of each run, in first-seen order."""
+    """``(run_dir, command)`` of each run (pooled ones too), in first-seen order."""
+    every = [x for r in rows for x in (r, *r.pooled)]
     return list({r.run_dir: (r.run_dir, [str(a) for a in r.command] if isinstance(
-        r.command, list) else [str(r.command)]) for r in rows}.values())
+        r.command, list) else [str(r.command)]) for r in every}.values())
 
 
 def write_outputs(
@@ -390,6 +450,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="write report.html into --out (default: yes)")
     p.add_argument("--tensorboard", metavar="TBDIR",
                    help="write seed-aggregated curves as TensorBoard event files into TBDIR")
+    p.add_argument("--pool", action="store_true",
+                   help="merge the rows of runs that differ only in their seeds into one row "
+                        "each, statistics over all their members")
     args = p.parse_args(argv)
 
     def warn(msg: str) -> None:
@@ -400,6 +463,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ConfigError("--plots and --html write into a folder; give --out DIR")
         columns = [c.strip() for c in args.columns.split(",") if c.strip()]
         rows = [r for d in args.runs for r in load_run(d)]
+        if args.pool:
+            rows = pool(rows)
         text = markdown(rows, columns)
         if args.out:
             write_outputs(rows, Path(args.out), columns, plots=args.plots is not False,

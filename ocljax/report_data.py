@@ -124,27 +124,36 @@ def _curves(evals: list[dict]):
 
 
 def load_series(rows: list[Row], names: list[str], labels: list[str]) -> list[Series]:
-    """The ``Series`` of each row (same order), named ``names[i]`` / ``labels[i]``. Members
-    flagged ``diverged`` in ``summary.json`` are left out; a run without ``eval.jsonl`` (or
-    without per-member rows in its summary) gives empty curves (or no matrices).
-    ``DataError`` for a corrupt ``eval.jsonl`` line."""
+    """The ``Series`` of each row (same order), named ``names[i]`` / ``labels[i]``, over the
+    members of its run and of the runs pooled into it (``report.pool``). Members flagged
+    ``diverged`` in ``summary.json`` are left out; a run without ``eval.jsonl`` (or without
+    per-member rows in its summary) gives empty curves (or no matrices). ``DataError`` for a
+    corrupt ``eval.jsonl`` line."""
     cache: dict[str, tuple[list[dict], dict[str, list[dict]]]] = {}
-    out = []
-    for r, name, label in zip(rows, names, labels, strict=True):
-        if r.run_dir not in cache:
-            run_dir = Path(r.run_dir)
-            members = _read_members(run_dir)
+
+    def read(run_dir: str):
+        if run_dir not in cache:
+            members = _read_members(Path(run_dir))
             diverged = {m.get("member") for m in members if m.get("diverged")}
             evals: dict[str, list[dict]] = {}
-            for e in _read_evals(run_dir):
+            for e in _read_evals(Path(run_dir)):
                 if e.get("member") is None or e.get("member") not in diverged:
                     evals.setdefault(_key(e.get("variant"), e.get("hparams", {})), []).append(e)
-            cache[r.run_dir] = (members, evals)
-        members, evals = cache[r.run_dir]
-        key = _key(r.variant or r.label, r.hparams)
-        mine = [m for m in members if _key(m.get("variant"), m.get("hparams", {})) == key
-                and not m.get("diverged")]
-        steps, eval_task, anytime, task_acc, task_ends = _curves(evals.get(key, []))
+            cache[run_dir] = (members, evals)
+        return cache[run_dir]
+
+    out = []
+    for r, name, label in zip(rows, names, labels, strict=True):
+        mine, evals = [], []
+        for i, part in enumerate((r, *r.pooled)):
+            members, by_key = read(part.run_dir)
+            key = _key(part.variant or part.label, part.hparams)
+            mine += [m for m in members if _key(m.get("variant"), m.get("hparams", {})) == key
+                     and not m.get("diverged")]
+            # member numbers restart in every run: tell pooled runs' members apart
+            evals += [{**e, "member": (i, e.get("member", 0))} if r.pooled else e
+                      for e in by_key.get(key, [])]
+        steps, eval_task, anytime, task_acc, task_ends = _curves(evals)
         out.append(Series(r, name, label, _matrices(mine), steps, eval_task, anytime, task_acc,
                           task_ends))
     return out

@@ -280,3 +280,44 @@ def test_cli_rejects_non_run_directories_and_bad_flags(tmp_path, capsys):
     (run / "eval.jsonl").write_text('{"member": 0}\n{broken\n')
     assert report.main([str(run), "--out", str(tmp_path / "o")]) == 2
     assert "eval.jsonl:2: corrupt JSON" in capsys.readouterr().err
+
+
+def test_pool_merges_separate_seed_runs_into_the_sweep_they_split(tmp_path, capsys):
+    """Seeds 0 and 1 run separately, pooled, give the statistics, matrices and curves of the
+    2-seed sweep (seed i of a sweep equals a single run with seed i); a seed held twice is
+    refused, and rows of other settings are left alone."""
+    from ocljax import report_data
+
+    tiny = ["--dataset", "synthetic", "--n-tasks", "2", "--set", "width=16", "--set", "depth=1",
+            "--eval-every", "10", "--quiet", "--no-plots", "--learner", "er",
+            "--probe-per-class", "0"]
+
+    def run(name, *extra):
+        assert cli_main([*tiny, *extra, "--out", str(tmp_path / name)], prog="t") == 0
+        return tmp_path / name
+
+    both = run("both", "--seeds", "2")
+    first, second = run("s0", "--seeds", "1"), run("s1", "--seeds", "1", "--seed", "1")
+    other = run("lr", "--seeds", "1", "--seed", "1", "--set", "lr=0.3")
+    capsys.readouterr()
+    (want,) = report.load_run(both)
+    rows = report.pool([*report.load_run(first), *report.load_run(second),
+                        *report.load_run(other)])
+    assert len(rows) == 2 and rows[1].hparams == {"lr": 0.3} and not rows[1].pooled
+    got = rows[0]
+    assert got.n == 2 and got.run_dirs == [str(first), str(second)]
+    for metric, stat in want.stats.items():
+        if stat is None or metric in report.QUANTITIES:  # wall time, memory: per sweep
+            continue
+        assert got.stats[metric] == pytest.approx(stat, abs=1e-12), metric
+    names, labels = report.display_names([want, got])
+    a, b = report_data.load_series([want, got], names, labels)
+    np.testing.assert_allclose(b.acc_matrices, a.acc_matrices)
+    np.testing.assert_allclose(b.anytime, a.anytime)
+    assert [d for d, _ in report.run_commands(rows)] == [str(first), str(second), str(other)]
+    # the CLI: the pooled table reads like the sweep's
+    assert report.main([str(first), str(second), "--pool", "--columns",
+                        "final_average_accuracy,forgetting"]) == 0
+    assert "| 2 |" in capsys.readouterr().out
+    with pytest.raises(DataError, match="seed 0 of er is in both"):
+        report.pool([*report.load_run(first), *report.load_run(both)])

@@ -9,7 +9,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -129,9 +129,9 @@ def member_metrics(result) -> list[dict]:
     return rows
 
 
-def group_summary(members: list[dict]) -> list[dict]:
-    """Mean and std over seeds per (variant, hparams) group; diverged members are excluded
-    from the statistics and counted in ``n_diverged``."""
+def group_summary(members: list[dict], metrics: Sequence[str] = METRICS) -> list[dict]:
+    """Mean and (population) std of each of ``metrics`` over seeds per (variant, hparams)
+    group; diverged members are excluded from the statistics and counted in ``n_diverged``."""
     groups: dict[str, dict] = {}
     for m in members:
         key = json.dumps([m["variant"], m["hparams"]], sort_keys=True)
@@ -142,7 +142,7 @@ def group_summary(members: list[dict]) -> list[dict]:
         ok = [r for r in g["rows"] if not r["diverged"]]
         entry = {"variant": g["variant"], "hparams": g["hparams"], "n": len(ok),
                  "n_diverged": len(g["rows"]) - len(ok)}
-        for name in METRICS:
+        for name in metrics:
             vals = np.array([r[name] for r in ok if r.get(name) is not None], np.float64)
             vals = vals[np.isfinite(vals)]
             entry[name] = {
