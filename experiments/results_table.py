@@ -38,15 +38,18 @@ ANCHOR = "agem_pmnist"
 # three variations
 ANCHOR_RUNS = (ANCHOR, f"{ANCHOR}_10", f"{ANCHOR}_cyclic", f"{ANCHOR}_flaxinit", f"{ANCHOR}_unit")
 ANCHOR_SEEDS = agem_pmnist.PRESET["seeds"]  # the preset's seed count
+# runs of one setting that differ only in their seeds, shown pooled (``report.pool``) after the
+# runs: seeds 0-9, then 10-19 (``--seed 10 --seeds 10``)
+ANCHOR_POOLS = ((f"{ANCHOR}_10", f"{ANCHOR}_10b"),)
 # experiments.agem_pmnist's settings; a run made before a setting existed has its default
 PRESET = {"input_norm": "standard", "init": "torch", "ref_draw": "random"}
 DEFAULTS = {"input_norm": "unit", "init": "flax", "ref_draw": "cyclic"}
 
 
-def anchor_heading(run: Path) -> tuple[str, str]:
+def anchor_heading(run: Path, seeds: int | None = None) -> tuple[str, str]:
     """(heading, extra command-line settings) of an anchor run, from its own config.json (a
     run made before a setting existed has that setting's default; a seed count other than
-    the preset's is named too)."""
+    the preset's is named too, ``seeds`` when given: the count of runs pooled)."""
     variant = json.loads((run / "config.json").read_text())["variants"][0]
     given = {**variant["model"], **variant["learner_config"]}
     got = {key: given.get(key, default) for key, default in DEFAULTS.items()}
@@ -60,7 +63,7 @@ def anchor_heading(run: Path) -> tuple[str, str]:
         heading = "Avalanche's protocol: " + heading
     extra = "".join(f" --set {key}={value}" for key, value in got.items()
                     if value != PRESET[key])
-    seeds = variant.get("n_members", ANCHOR_SEEDS)
+    seeds = seeds or variant.get("n_members", ANCHOR_SEEDS)
     if seeds != ANCHOR_SEEDS:
         heading += f", {seeds} seeds"
         extra = f" --seeds {seeds}" + extra
@@ -208,6 +211,20 @@ def write_page(root: Path, page: Path) -> None:
         head, extra = anchor_heading(anchor)
         parts += [f"### {head}", "`python -m experiments.agem_pmnist --data-dir ../shared/data "
                   f"--out {anchor}{extra}`", report.markdown(report.load_run(anchor))]
+    for names in ANCHOR_POOLS:
+        runs = [root / d for d in names]
+        if not all(complete(r) for r in runs):
+            continue
+        rows = report.pool([r for d in runs for r in report.load_run(d)])
+        head, _ = anchor_heading(runs[0], seeds=rows[0].n + rows[0].n_diverged)
+        if not anchors:
+            parts.append("## Anchor: A-GEM on permuted MNIST (17 tasks)")
+            anchors = runs
+        commands_ = [" ".join(["python -m", *map(str, json.loads(
+            (r / "config.json").read_text())["command"])]) for r in runs]
+        parts += [f"### {head}, {len(runs)} runs pooled",
+                  " and ".join(f"`{c}`" for c in commands_) + ", then `python -m ocljax.report "
+                  + " ".join(map(str, runs)) + " --pool`", report.markdown(rows)]
     parts.append(NOTES)
     if commands:
         lines = ["## Commands", "", "Each adds `--data-dir ../shared/data`; starred rows add "
