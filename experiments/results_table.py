@@ -99,24 +99,29 @@ NOTES = """## Notes on the numbers
     float32 rounding. Over 102,000 steps that rounding moves single seeds by up to 3 points:
     seeds 0-4 gave 0.787, 0.790, 0.777, 0.786, 0.807 before and 0.808, 0.805, 0.795, 0.798,
     0.776 after (0.796 ± 0.011). Only means over seeds carry over between versions.
-  **The 10-seed run gives 0.797 ± 0.011** (per seed 0.808, 0.805, 0.795, 0.798, 0.776, 0.817,
-  0.800, 0.785, 0.793, 0.794; `docs/bench/agem_pmnist_10/`): 1.3 points, 1.2 standard
-  deviations, below Avalanche's 0.81.
-  One seed of ten is above 0.81 and two more are above 0.80. Its one-standard-deviation band,
-  0.786-0.808, overlaps the values that round to 0.81 (0.805-0.815): the criterion holds if
-  Avalanche's unrounded value was below 0.808 and fails above it.
+  **Over 20 seeds the protocol gives 0.794 ± 0.012**: seeds 0-9 gave 0.797 ± 0.011 (per seed
+  0.808, 0.805, 0.795, 0.798, 0.776, 0.817, 0.800, 0.785, 0.793, 0.794;
+  `docs/bench/agem_pmnist_10/`), seeds 10-19 (`--seed 10 --seeds 10`, 43 min) 0.790 ± 0.011
+  (per seed 0.794, 0.781, 0.808, 0.796, 0.807, 0.781, 0.786, 0.771, 0.792, 0.787;
+  `docs/bench/agem_pmnist_10b/`); `python -m ocljax.report docs/bench/agem_pmnist_10
+  docs/bench/agem_pmnist_10b --pool` pools them. That is 1.6 points, 1.4 standard deviations,
+  below Avalanche's 0.81: **the issue's criterion (within one standard deviation) is not
+  met**. (Seeds 10-19 were run to sharpen the estimate, with the decision taken beforehand to
+  report the pooled 20 whatever they gave; the 10 seeds alone had missed by 0.2 of a standard
+  deviation.) Five seeds of 20 (0, 1, 5, 12, 14) reach 0.805 and would be reported as 0.81 at
+  two decimals: a single run from this distribution reads 0.81 or more about one time in four.
   **An independent PyTorch loop agrees with ocljax**:
   `python -m benchmarks.torch_agem --data-dir ../shared/data --seeds 0,1,2,3,4 --ref-draw
   random`, written from the paper and Avalanche's protocol and sharing no code with ocljax,
   gives **0.795 ± 0.006** (per seed 0.794, 0.800, 0.785, 0.799, 0.795;
   `docs/bench/torch_agem_random.json`) with the preset's draw, and **0.798 ± 0.012** (per
   seed 0.786, 0.802, 0.795, 0.817, 0.791; `docs/bench/torch_agem_cyclic.json`) with the
-  cyclic one. So the protocol, run in two independent implementations, gives 0.795-0.798
-  on average; Avalanche's 0.81 is one run from that distribution's upper tail (1 seed in 10
-  of ocljax's, 1 in 5 of the loop's cyclic runs reach it), not a sign of a different update.
-  The issue's literal criterion (within one standard deviation) is missed by 0.2 of a standard
-  deviation; Avalanche's own reproduction test accepts anything down to 0.03 below 0.81 (0.02
-  when the target was set), which ocljax meets. The [0, 1]-input run (0.902) is close to the
+  cyclic one. So the protocol, run in two independent implementations, gives 0.794-0.798
+  on average. Avalanche's 0.81 is one run from that distribution's upper quarter (5 of
+  ocljax's 20 seeds, 1 of the loop's 5 cyclic runs reach 0.805); we read it as a lucky seed,
+  not a different update, but cannot show that from one published number. Avalanche's own
+  reproduction test accepts anything down to 0.03 below 0.81 (0.02 when the target was set),
+  which ocljax meets. The [0, 1]-input run (0.902) is close to the
   A-GEM paper's own permuted-MNIST figure (about 0.89, Chaudhry et al. 2019).
 - **A-GEM on the split benchmarks** (0.52 / 0.46) is far below replay: it only stops the
   gradient from raising the memory loss, which does not prevent class-incremental forgetting
@@ -193,6 +198,20 @@ def command(bench: str, learner: str, root: Path, data_dir: str | None) -> list[
     return cmd
 
 
+def pooled_anchor(runs: list[Path]) -> list[str]:
+    """The page's section for anchor runs that differ only in their seeds, pooled into one
+    row (``report.pool``); nothing until every one of them is complete."""
+    if not all(complete(r) for r in runs):
+        return []
+    rows = report.pool([r for d in runs for r in report.load_run(d)])
+    head, _ = anchor_heading(runs[0], seeds=rows[0].n + rows[0].n_diverged)
+    commands = [" ".join(["python -m", *map(str, json.loads(
+        (r / "config.json").read_text())["command"])]) for r in runs]
+    return [f"### {head}, {len(runs)} runs pooled",
+            " and ".join(f"`{c}`" for c in commands) + ", then `python -m ocljax.report "
+            + " ".join(map(str, runs)) + " --pool`", report.markdown(rows)]
+
+
 def write_page(root: Path, page: Path) -> None:
     """Rewrite the results page from every complete row under ``root``."""
     rows, commands = [], []
@@ -204,27 +223,19 @@ def write_page(root: Path, page: Path) -> None:
                 cfg = json.loads((d / "config.json").read_text())
                 commands.append((bench, learner, cfg.get("wall_s"), cfg.get("versions", {})))
     parts = [HEADER, report.markdown(rows) if rows else "_No rows yet._"]
-    anchors = [root / d for d in ANCHOR_RUNS if complete(root / d)]
-    if anchors:
-        parts.append("## Anchor: A-GEM on permuted MNIST (17 tasks)")
-    for anchor in anchors:
-        head, extra = anchor_heading(anchor)
-        parts += [f"### {head}", "`python -m experiments.agem_pmnist --data-dir ../shared/data "
-                  f"--out {anchor}{extra}`", report.markdown(report.load_run(anchor))]
-    for names in ANCHOR_POOLS:
-        runs = [root / d for d in names]
-        if not all(complete(r) for r in runs):
-            continue
-        rows = report.pool([r for d in runs for r in report.load_run(d)])
-        head, _ = anchor_heading(runs[0], seeds=rows[0].n + rows[0].n_diverged)
-        if not anchors:
-            parts.append("## Anchor: A-GEM on permuted MNIST (17 tasks)")
-            anchors = runs
-        commands_ = [" ".join(["python -m", *map(str, json.loads(
-            (r / "config.json").read_text())["command"])]) for r in runs]
-        parts += [f"### {head}, {len(runs)} runs pooled",
-                  " and ".join(f"`{c}`" for c in commands_) + ", then `python -m ocljax.report "
-                  + " ".join(map(str, runs)) + " --pool`", report.markdown(rows)]
+    anchor_parts = []
+    for name in ANCHOR_RUNS:
+        anchor = root / name
+        if complete(anchor):
+            head, extra = anchor_heading(anchor)
+            anchor_parts += [f"### {head}", "`python -m experiments.agem_pmnist --data-dir "
+                             f"../shared/data --out {anchor}{extra}`",
+                             report.markdown(report.load_run(anchor))]
+        for names in ANCHOR_POOLS:  # a pool follows its first run
+            if names[0] == name:
+                anchor_parts += pooled_anchor([root / d for d in names])
+    if anchor_parts:
+        parts += ["## Anchor: A-GEM on permuted MNIST (17 tasks)", *anchor_parts]
     parts.append(NOTES)
     if commands:
         lines = ["## Commands", "", "Each adds `--data-dir ../shared/data`; starred rows add "
