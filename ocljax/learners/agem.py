@@ -53,6 +53,7 @@ SGD lr 0.1, 1 epoch: 0.81 final accuracy): ``--set memory=per_task --set pattern
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -280,11 +281,5 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
     """A-GEM learner for ``model`` with the memory described by ``cfg``."""
     cfg = cfg or Config()
     check_config(cfg)
-
-    def init(key, x, hp: HParams) -> State:
-        return init_state(model, cfg, key, x, hp)
-
-    def update(state: State, batch: Batch, hp: HParams, key):
-        return update_state(model, cfg, state, batch, hp, key)
-
-    return net_learner(model, init, update, HParams())
+    return net_learner(model, partial(init_state, model, cfg),
+                       partial(update_state, model, cfg), HParams())

@@ -24,6 +24,7 @@ MIR (``mir.py``) and RAR (``rar.py``) take the same setting.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -188,11 +189,5 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
     """ER learner for ``model`` with a reservoir buffer of ``cfg.buffer_size`` rows."""
     cfg = cfg or Config()
     check_config(cfg)
-
-    def init(key, x, hp: HParams) -> State:
-        return init_state(model, cfg, key, x, hp)
-
-    def update(state: State, batch: Batch, hp: HParams, key):
-        return update_state(model, cfg, state, batch, hp, key)
-
-    return net_learner(model, init, update, HParams())
+    return net_learner(model, partial(init_state, model, cfg),
+                       partial(update_state, model, cfg), HParams())

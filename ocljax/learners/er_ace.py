@@ -45,6 +45,7 @@ coefficient to tune; the paper (CIFAR / Mini-ImageNet streams) replays as many r
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -139,7 +140,4 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
         base = er.init_state(model, cfg, key, x, hp)
         return State(*base, seen=jnp.zeros((model.num_classes,), bool))
 
-    def update(state: State, batch: Batch, hp: HParams, key):
-        return update_state(model, cfg, state, batch, hp, key)
-
-    return net_learner(model, init, update, HParams())
+    return net_learner(model, init, partial(update_state, model, cfg), HParams())

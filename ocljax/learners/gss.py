@@ -52,6 +52,7 @@ Recommended: the paper's MNIST settings are batch 10, MLP 2x100, ``buffer_size=3
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -266,7 +267,4 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
             pending_valid=jnp.zeros((x.shape[0],), bool),
         )
 
-    def update(state: State, batch: Batch, hp: HParams, key):
-        return update_state(model, cfg, state, batch, hp, key)
-
-    return net_learner(model, init, update, HParams())
+    return net_learner(model, init, partial(update_state, model, cfg), HParams())

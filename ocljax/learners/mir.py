@@ -42,6 +42,7 @@ with 10 + 10 rows and plain SGD, the same as ``joint`` at twice the learning rat
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -142,11 +143,5 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
     """ER-MIR learner for ``model``: reservoir memory, replay of the most interfered rows."""
     cfg = cfg or Config()
     check_config(cfg)
-
-    def init(key, x, hp: HParams) -> State:
-        return er.init_state(model, cfg, key, x, hp)
-
-    def update(state: State, batch: Batch, hp: HParams, key):
-        return update_state(model, cfg, state, batch, hp, key)
-
-    return net_learner(model, init, update, HParams())
+    return net_learner(model, partial(er.init_state, model, cfg),
+                       partial(update_state, model, cfg), HParams())

@@ -61,6 +61,7 @@ with MIR and ASER retrieval.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -205,11 +206,5 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
     """ER-RAR learner for ``model``: reservoir memory, adversarially perturbed replay."""
     cfg = cfg or Config()
     check_config(cfg)
-
-    def init(key, x, hp: HParams) -> State:
-        return er.init_state(model, cfg, key, x, hp)
-
-    def update(state: State, batch: Batch, hp: HParams, key):
-        return update_state(model, cfg, state, batch, hp, key)
-
-    return net_learner(model, init, update, HParams())
+    return net_learner(model, partial(er.init_state, model, cfg),
+                       partial(update_state, model, cfg), HParams())
