@@ -121,3 +121,16 @@ def test_one_seed_split_benchmark_computes_the_same_step(tmp_path):
     assert res["collectives_in_split_program"] == 1  # one all-reduce per step, as designed
     assert res["max_weight_difference_one_step"] < 1e-5  # the split is the same function
     assert set(res["best_ms_per_step"]) == {"one device", "split", "half width"}
+
+
+@pytest.mark.slow
+def test_loop_forms_benchmark_ends_every_form_in_the_same_state(tmp_path):
+    from benchmarks import loop_forms
+
+    out = tmp_path / "forms.json"
+    assert loop_forms.main(["--quick", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert set(res["best_ms_per_step"]) == {"while", "scan+cond", "scan+mask"}
+    # the padded steps of the last block are skipped (while, cond) or discarded (mask)
+    assert res["valid_steps"] < res["steps"]
+    assert all(d < 1e-6 for d in res["max_state_difference_vs_while"].values())
