@@ -203,7 +203,15 @@ def pooled_anchor(runs: list[Path]) -> list[str]:
     row (``report.pool``); nothing until every one of them is complete."""
     if not all(complete(r) for r in runs):
         return []
-    rows = report.pool([r for d in runs for r in report.load_run(d)])
+    why: list[str] = []
+    try:
+        rows = report.pool([r for d in runs for r in report.load_run(d)], why.append)
+    except OCLError as err:  # e.g. a seed in two of the runs: the page goes on without it
+        why.append(str(err))
+        rows = []
+    if len(rows) != 1 or not rows[0].pooled:
+        return [f"_{' and '.join(map(str, runs))} could not be pooled: "
+                f"{'; '.join(why) or 'their rows differ'}._"]
     head, _ = anchor_heading(runs[0], seeds=rows[0].n + rows[0].n_diverged)
     commands = [" ".join(["python -m", *map(str, json.loads(
         (r / "config.json").read_text())["command"])]) for r in runs]

@@ -169,7 +169,7 @@ def load_run(path: str | Path) -> list[Row]:
             stats={k: g.get(k) if isinstance(g.get(k), dict) else None for k in ALL_METRICS},
             run_dir=str(path), command=config.get("command", []), variant=g["variant"],
             settings=json.dumps({k: x for k, x in v.items() if k != "n_members"},
-                                sort_keys=True),
+                                sort_keys=True) if v else "",
         ))
     if not summary.get("complete", True):
         for r in rows:
@@ -177,19 +177,24 @@ def load_run(path: str | Path) -> list[Row]:
     return rows
 
 
-def pool(rows: list[Row]) -> list[Row]:
+def pool(rows: list[Row], warn: Callable[[str], None] | None = None) -> list[Row]:
     """Merge the rows of separate runs of one setting into one row each: rows of complete
     runs with the same benchmark, variant, hyperparameters and configuration (everything but
     the member count), e.g. seeds 0-9 run one day and seeds 10-19 the next
     (``--seed 10 --seeds 10``). A merged row's statistics are computed anew over all its
     members (``summary.json``), it keeps the first run's place, and its plots hold every run's
-    members. ``DataError`` when two of the runs hold the same seed of a group (it would count
-    twice) or a run's summary lacks its members."""
+    members. A metric that some of the runs lack is left out of the merged row (a mean over
+    part of its members would read as one over all). Rows of one benchmark, variant and
+    hyperparameters whose configurations differ stay apart, and ``warn`` gets a line naming
+    the settings that differ. ``DataError`` when two of the runs hold the same seed of a
+    group (it would count twice) or a run's summary lacks its members."""
     groups: dict[str, list[Row]] = {}
     for r in rows:
         if r.settings and not r.label.endswith(" (incomplete)"):
             key = json.dumps([r.benchmark, r.variant, r.hparams, r.settings], sort_keys=True)
             groups.setdefault(key, []).append(r)
+    if warn is not None:
+        _warn_unpooled([g[0] for g in groups.values()], warn)
     out, merged = [], {id(g[0]): g for g in groups.values() if len(g) > 1}
     dropped = {id(r) for g in merged.values() for r in g[1:]}
     for r in rows:
@@ -197,6 +202,33 @@ def pool(rows: list[Row]) -> list[Row]:
             continue
         out.append(_merge(merged[id(r)]) if id(r) in merged else r)
     return out
+
+
+def _flat(settings: str) -> dict:
+    """A variant's configuration as ``{"stream.n_tasks": 17, ...}``."""
+    out = {}
+    for section, value in json.loads(settings).items():
+        if isinstance(value, dict):
+            out.update({f"{section}.{k}": v for k, v in value.items()})
+        else:
+            out[section] = value
+    return out
+
+
+def _warn_unpooled(firsts: list[Row], warn: Callable[[str], None]) -> None:
+    """A line per pair of groups that share benchmark, variant and hyperparameters but not
+    their configuration, naming the settings that differ."""
+    seen: dict[str, Row] = {}
+    for r in firsts:
+        key = json.dumps([r.benchmark, r.variant, r.hparams], sort_keys=True)
+        if key in seen:
+            a, b = _flat(seen[key].settings), _flat(r.settings)
+            diff = sorted(k for k in a.keys() | b.keys() if a.get(k, "<absent>") != b.get(
+                k, "<absent>"))
+            warn(f"--pool: {r.variant} in {seen[key].run_dir} and {r.run_dir} not pooled: "
+                 f"their settings differ ({', '.join(diff)})")
+        else:
+            seen[key] = r
 
 
 def _merge(rows: list[Row]) -> Row:
@@ -216,8 +248,17 @@ def _merge(rows: list[Row]) -> Row:
             seeds[m.get("seed")] = r.run_dir
         members += [{**m, "diverged": bool(m.get("diverged"))} for m in mine]
     (g,) = results.group_summary(members, ALL_METRICS)
-    # as summary.json has them: every run metric, the rest only where members have values
-    stats = {k: g[k] if k in METRICS or g[k]["mean"] is not None else None for k in ALL_METRICS}
+
+    def measured(row: Row, k: str) -> bool:
+        return bool(row.stats.get(k)) and row.stats[k].get("mean") is not None
+
+    # as summary.json has them: every run metric, the rest only where members have values;
+    # a metric only some runs measured is left out
+    stats = {k: g[k] if (k in METRICS or g[k]["mean"] is not None) else None
+             for k in ALL_METRICS}
+    for k in ALL_METRICS:
+        if len({measured(r, k) for r in rows}) > 1:
+            stats[k] = {"mean": None, "std": None} if k in METRICS else None
     return dataclasses.replace(rows[0], n=g["n"], n_diverged=g["n_diverged"], stats=stats,
                                pooled=tuple(rows[1:]))
 
@@ -373,16 +414,19 @@ def markdown(rows: list[Row], columns: Sequence[str] = DEFAULT_COLUMNS) -> str:
 
 
 def to_csv(rows: list[Row]) -> str:
-    """Every row and every metric (mean and std) as CSV; metrics a run lacks are empty."""
+    """Every row and every metric (mean and std) as CSV; metrics a run lacks are empty. The
+    last column lists, as a JSON array, the other run directories pooled into a row."""
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["benchmark", "variant", "learner", "hparams", "boundaries", "n", "n_diverged",
-                *(f"{m}_{s}" for m in ALL_METRICS for s in ("mean", "std")), "run_dir"])
+                *(f"{m}_{s}" for m in ALL_METRICS for s in ("mean", "std")), "run_dir",
+                "pooled_run_dirs"])
     for r in rows:
         stats = [r.stats[m].get(s) if r.stats.get(m) else None
                  for m in ALL_METRICS for s in ("mean", "std")]
         w.writerow([r.benchmark, r.label, r.learner, json.dumps(r.hparams, sort_keys=True),
-                    r.boundaries, r.n, r.n_diverged, *stats, ";".join(r.run_dirs)])
+                    r.boundaries, r.n, r.n_diverged, *stats, r.run_dir,
+                    json.dumps(r.run_dirs[1:])])
     return buf.getvalue()
 
 
@@ -462,9 +506,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.out and (args.plots or args.html):
             raise ConfigError("--plots and --html write into a folder; give --out DIR")
         columns = [c.strip() for c in args.columns.split(",") if c.strip()]
+        if args.pool:  # a folder named twice would pool with itself
+            args.runs = list({str(Path(d).resolve()): d for d in args.runs}.values())
         rows = [r for d in args.runs for r in load_run(d)]
         if args.pool:
-            rows = pool(rows)
+            rows = pool(rows, warn)
         text = markdown(rows, columns)
         if args.out:
             write_outputs(rows, Path(args.out), columns, plots=args.plots is not False,

@@ -48,7 +48,7 @@ CLI_CASES = [
     ("unknown --set key", ["--set", "bufer_size=5"],
      r"unknown setting\(s\) bufer_size \(did you mean 'buffer_size' or 'batch_size'\?\); known:"),
     ("--set of another learner's key", ["--learner", "finetune", "--set", "mem_batch=4"],
-     r"unknown setting\(s\) mem_batch; known"),
+     r"unknown setting\(s\) mem_batch \(a setting of agem, not of the learners given\); known"),
     ("--set without a value", ["--set", "lr"], r"--set expects key=value, got 'lr'"),
     ("--set int typo", ["--set", "buffer_size=abc"], r"bad value 'abc' for buffer_size"),
     ("--set float typo", ["--set", "lr=fast"], r"bad value 'fast' for lr: expected float"),

@@ -321,3 +321,34 @@ def test_pool_merges_separate_seed_runs_into_the_sweep_they_split(tmp_path, caps
     assert "| 2 |" in capsys.readouterr().out
     with pytest.raises(DataError, match="seed 0 of er is in both"):
         report.pool([*report.load_run(first), *report.load_run(both)])
+    # a folder named twice pools with nobody; other settings stay apart, with a warning
+    assert report.main([str(first), str(first), "--pool"]) == 0
+    capsys.readouterr()
+    other_tasks = run("t3", "--seeds", "1", "--seed", "1", "--set", "samples_per_task=40")
+    said = []
+    rows = report.pool([*report.load_run(first), *report.load_run(other_tasks)], said.append)
+    assert len(rows) == 2 and not rows[0].pooled
+    assert len(said) == 1 and "not pooled" in said[0] and "stream.samples_per_task" in said[0]
+    # a run whose config does not describe its variant is never pooled
+    cfg = json.loads((second / "config.json").read_text())
+    (second / "config.json").write_text(json.dumps({**cfg, "variants": []}))
+    assert len(report.pool([*report.load_run(first), *report.load_run(second)])) == 2
+
+
+def test_pool_leaves_out_a_metric_only_some_runs_measured(tmp_path):
+    a, b = rich_run(tmp_path / "a"), rich_run(tmp_path / "b")
+    summary = json.loads((b / "summary.json").read_text())
+    for m in summary["members"]:
+        m["seed"] += 10
+        m["final_average_accuracy"] = 0.5
+    for g in summary["groups"]:  # run b did not measure online accuracy
+        g["online_accuracy"] = {"mean": None, "std": None}
+    (b / "summary.json").write_text(json.dumps(summary))
+    summary_a = json.loads((a / "summary.json").read_text())
+    for m in summary_a["members"]:
+        m["final_average_accuracy"], m["online_accuracy"] = 0.7, 0.9
+    (a / "summary.json").write_text(json.dumps(summary_a))
+    er, _ = report.pool([*report.load_run(a), *report.load_run(b)])
+    assert er.n == 4 and er.n_diverged == 2  # two members of each run, one diverged in each
+    assert er.stats["final_average_accuracy"]["mean"] == pytest.approx(0.6)
+    assert er.stats["online_accuracy"]["mean"] is None

@@ -71,3 +71,11 @@ def test_page_pools_the_anchor_runs_that_differ_only_in_their_seeds(tmp_path):
     assert "`python -m experiments.agem_pmnist --seed 2 --seeds 2`" in pooled
     assert "0.790 ± 0.022" in pooled  # mean 0.79, population std sqrt(0.0005)
     assert "| 4 |" in pooled
+    # runs that cannot be pooled (a seed in both) leave a line, and the page is still written
+    summary = json.loads((root / "agem_pmnist_10b" / "summary.json").read_text())
+    summary["members"][0]["seed"] = 0
+    (root / "agem_pmnist_10b" / "summary.json").write_text(json.dumps(summary))
+    results_table.write_page(root, page)
+    text = page.read_text()
+    assert "runs pooled" not in text
+    assert "could not be pooled: seed 0 of agem is in both" in text
