@@ -84,21 +84,25 @@ NOTES = """## Notes on the numbers
   - *Input scale.* Avalanche's default MNIST transform standardises pixels (mean 0.1307, std
     0.3081), so the background pixels are -0.42, not 0, and every first-layer weight moves on
     every task; with [0, 1] pixels (the A-GEM paper's code) each permutation mostly moves its
-    own weights. Standardising takes final accuracy from 0.902 ± 0.002 to 0.793 ± 0.009 and
-    nearly triples forgetting (0.060 to 0.165).
+    own weights. Standardising took final accuracy from 0.902 ± 0.002 to 0.793 ± 0.009 and
+    nearly tripled forgetting (0.060 to 0.165; both with Flax's initialisation and the cyclic
+    draw, before the ninth round).
   - *Initialisation.* PyTorch's default (uniform, std 1/sqrt(3 fan-in), biases too) against
     Flax's LeCun normal (std 1/sqrt(fan-in), zero biases): no effect on the mean (0.793 ±
-    0.004 against 0.793 ± 0.009), a smaller spread over seeds.
+    0.004 against 0.793 ± 0.009, both before the ninth round).
   - *Reference draw.* Avalanche 0.1-0.3, the versions that set (October 2021) and confirmed
     (December 2022) the 0.81, draw each stored task's `256 // n` reference rows uniformly with
     replacement; since 0.4 they are read cyclically. Both are `--set ref_draw=random|cyclic`;
-    the preset uses `random`. It does not close the gap (0.789 ± 0.010 against 0.793 ± 0.004
-    cyclic, 5 seeds each, before the ninth round).
-  - *Rounding decides single seeds.* The 5-seed tables above were run before the ninth round,
-    whose projection sums the same inner products leaf by leaf: the update is the same up to
-    float32 rounding. Over 102,000 steps that rounding moves single seeds by up to 3 points:
-    seeds 0-4 gave 0.787, 0.790, 0.777, 0.786, 0.807 before and 0.808, 0.805, 0.795, 0.798,
-    0.776 after (0.796 ± 0.011). Only means over seeds carry over between versions.
+    the preset uses `random`. It does not close the gap: 0.789 ± 0.010 against 0.793 ± 0.004
+    cyclic, 5 seeds each, before the ninth round; rerun in the tenth, the cyclic draw gave
+    0.787 ± 0.028 (per seed 0.807, 0.813, 0.783, 0.795, 0.735; the section above), against
+    0.796 ± 0.011 for the random draw's seeds 0-4.
+  - *Rounding decides single seeds.* The preset's 5-seed table and the Flax-initialisation
+    one above were run before the ninth round, whose projection sums the same inner products
+    leaf by leaf: the update is the same up to float32 rounding. Over 102,000 steps that
+    rounding moves single seeds by up to 3 points: seeds 0-4 gave 0.787, 0.790, 0.777, 0.786,
+    0.807 before and 0.808, 0.805, 0.795, 0.798, 0.776 after (0.796 ± 0.011). Only means over
+    seeds carry over between versions.
   **Over 20 seeds the protocol gives 0.794 ± 0.012**: seeds 0-9 gave 0.797 ± 0.011 (per seed
   0.808, 0.805, 0.795, 0.798, 0.776, 0.817, 0.800, 0.785, 0.793, 0.794;
   `docs/bench/agem_pmnist_10/`), seeds 10-19 (`--seed 10 --seeds 10`, 43 min) 0.790 ± 0.011
