@@ -220,8 +220,7 @@ def pooled_anchor(runs: list[Path]) -> list[str]:
         return [f"_{' and '.join(map(str, runs))} could not be pooled: "
                 f"{'; '.join(why) or 'their rows differ'}._"]
     head, _ = anchor_heading(runs[0], seeds=rows[0].n + rows[0].n_diverged)
-    commands = [" ".join(["python -m", *map(str, json.loads(
-        (r / "config.json").read_text())["command"])]) for r in runs]
+    commands = [" ".join(["python -m", *argv]) for _, argv in report.run_commands(rows)]
     return [f"### {head}, {len(runs)} runs pooled",
             " and ".join(f"`{c}`" for c in commands) + ", then `python -m ocljax.report "
             + " ".join(map(str, runs)) + " --pool`", report.markdown(rows)]

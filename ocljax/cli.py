@@ -228,18 +228,19 @@ def plan(args, preset: dict):
     # A preset's settings are defaults for the learners that have them (``buffer_size`` means
     # nothing to LwF); only the user's own --set keys must be used by some variant.
     unknown = [k for k, _ in (parse_assignment(t, "--set") for t in args.set) if k not in used]
-    def explain_unknown(key: str) -> str:
-        """Another learner's setting says whose it is; a typo gets the nearest names."""
-        owners = [n for n in sorted(learners.LEARNERS)
-                  if key in learners.config_fields(n) or key in learners.hparam_fields(n)]
-        if owners:
-            return f"{key} (a setting of {', '.join(owners)}, not of the learners given)"
-        return key + did_you_mean(key, known)
-
     if unknown:
         known = sorted({*STREAM_FIELDS, *model_settings,
                         *(k for s in specs for k in learners.config_fields(s.partition("@")[0])),
                         *(k for s in specs for k in learners.hparam_fields(s.partition("@")[0]))})
+
+        def explain_unknown(key: str) -> str:
+            """Another learner's setting says whose it is; a typo gets the nearest names."""
+            owners = [n for n in sorted(learners.LEARNERS)
+                      if key in learners.config_fields(n) or key in learners.hparam_fields(n)]
+            if owners:
+                return f"{key} (a setting of {', '.join(owners)}, not of the learners given)"
+            return key + did_you_mean(key, known)
+
         raise ConfigError(f"unknown setting(s) {', '.join(map(explain_unknown, unknown))}; "
                           f"known: {', '.join(known)}")
     return args.dataset, variants

@@ -252,13 +252,9 @@ def _merge(rows: list[Row]) -> Row:
     def measured(row: Row, k: str) -> bool:
         return bool(row.stats.get(k)) and row.stats[k].get("mean") is not None
 
-    # as summary.json has them: every run metric, the rest only where members have values;
-    # a metric only some runs measured is left out
-    stats = {k: g[k] if (k in METRICS or g[k]["mean"] is not None) else None
+    # a metric only some of the runs measured is left out
+    stats = {k: g[k] if len({measured(r, k) for r in rows}) == 1 else {"mean": None, "std": None}
              for k in ALL_METRICS}
-    for k in ALL_METRICS:
-        if len({measured(r, k) for r in rows}) > 1:
-            stats[k] = {"mean": None, "std": None} if k in METRICS else None
     return dataclasses.replace(rows[0], n=g["n"], n_diverged=g["n_diverged"], stats=stats,
                                pooled=tuple(rows[1:]))
 
