@@ -5,7 +5,13 @@
 
 Run it with a Python that has ``avalanche-lib`` (0.6.0 is the oldest release pip offers for
 Python 3.11) and a ``torchvision`` matching its ``torch``; ocljax does not depend on either,
-so this file imports nothing from ocljax and runs as a plain script.
+so this file imports nothing from ocljax and runs as a plain script. The measured setup (see
+docs/results.md) was a separate venv: ``pip install torch==2.13.0 "torchvision==0.28.*"
+avalanche-lib==0.6.0``. There torch was a CPU-only build and torchvision's wheel was built
+against CUDA torch, so its C operators did not load and ``import torchvision`` failed in
+``torchvision/_meta_registrations.py``; MNIST and the transforms need none of those operators,
+and wrapping that module's body in ``try: ... except RuntimeError: pass`` let it import. With
+a matching torch / torchvision pair no such step is needed.
 
 Issue 4's anchor is one number, 0.81, from one seed of the continual-learning-baselines
 experiment ``permuted_mnist/agem.py`` (December 2022). ocljax's preset
