@@ -1,5 +1,5 @@
-"""Helpers of the Avalanche A-GEM cross-check (benchmarks/avalanche_agem.py); the run itself
-needs avalanche-lib, which ocljax does not install."""
+"""Helpers of the Avalanche cross-checks (benchmarks/avalanche_agem.py, avalanche_er.py); the
+runs themselves need avalanche-lib, which ocljax does not install."""
 
 import gzip
 import json
@@ -98,3 +98,20 @@ def test_compare_only_needs_no_avalanche(tmp_path, capsys):
         avalanche_agem.main(["--seeds", "", "--json", str(res), "--draw", "cyclic"])
     with pytest.raises(SystemExit, match="--data-dir is needed"):
         avalanche_agem.main(["--seeds", "7", "--json", str(res)])
+
+
+def test_avalanche_er_without_avalanche_says_what_to_install(monkeypatch):
+    import builtins
+
+    from benchmarks import avalanche_er
+
+    real = builtins.__import__
+
+    def no_avalanche(name, *args, **kwargs):
+        if name == "avalanche" or name.startswith("avalanche."):
+            raise ImportError("No module named 'avalanche'")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_avalanche)
+    with pytest.raises(SystemExit, match="needs torch and avalanche-lib"):
+        avalanche_er.main(["--quick"])
