@@ -50,16 +50,16 @@ def avalanche_er(train_x, train_y, test_x, test_y, order, task_ends, *, buffer_s
     from avalanche.training.plugins import EvaluationPlugin, ReplayPlugin
     from avalanche.training.storage_policy import ReservoirSamplingBuffer
 
-    from benchmarks.torch_er import _mlp
+    from benchmarks.torch_er import _mlp, accuracy, images
 
     torch.manual_seed(seed)
 
-    def images(x):  # [N, H, W, C] uint8 -> float [N, C, H, W] in [0, 1], as the loop feeds
-        return torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).float() / 255.0
+    def tensor(x):
+        return torch.from_numpy(np.ascontiguousarray(x))
 
     flat = order.reshape(-1)
     bounds = [0] + [e * batch for e in sorted(task_ends)]
-    tasks = [tensor_dataset(images(train_x[flat[a:b]]),
+    tasks = [tensor_dataset(images(tensor(train_x[flat[a:b]])),
                             torch.from_numpy(train_y[flat[a:b]].astype(np.int64)))
              for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
     bench = benchmark_from_datasets(train=tasks)
@@ -80,11 +80,7 @@ def avalanche_er(train_x, train_y, test_x, test_y, order, task_ends, *, buffer_s
             if steps % 1000 == 0:
                 marks.append(time.perf_counter() - t0)
         seconds = time.perf_counter() - t0
-    net.eval()
-    with torch.no_grad():
-        pred = torch.cat([net(images(test_x[i:i + 1000])).argmax(1)
-                          for i in range(0, len(test_x), 1000)])
-    acc = float((pred.numpy() == test_y).mean())
+    acc = accuracy(net, tensor(test_x), tensor(test_y.astype(np.int64)))
     per_1000 = np.diff([0.0] + marks).tolist()
     return {"seconds": seconds, "steps": steps, "samples": int(flat.size),
             "final_test_accuracy": acc, "seconds_per_1000_steps": per_1000}

@@ -108,6 +108,27 @@ def torch_model(name: str, in_shape, num_classes: int, width: int | None = None)
     raise ValueError(f"no PyTorch twin of model {name!r}; choose mlp, cnn or resnet18")
 
 
+def images(x):
+    """A batch of images as the loop feeds them: torch uint8 [N, H, W, C] -> float
+    [N, C, H, W] in [0, 1]."""
+    return x.permute(0, 3, 1, 2).float() / 255.0
+
+
+def accuracy(net, tx, ty) -> float:
+    """``net``'s accuracy on the whole test set (torch uint8 images ``tx``, labels ``ty``),
+    ``EVAL_BATCH`` images at a time, in eval mode; leaves ``net`` in training mode."""
+    import torch
+
+    net.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(tx), EVAL_BATCH):
+            pred = net(images(tx[i:i + EVAL_BATCH])).argmax(1)
+            correct += (pred == ty[i:i + EVAL_BATCH]).sum().item()
+    net.train()
+    return correct / len(tx)
+
+
 def run(train_x, train_y, test_x, test_y, order, task_ends, *, buffer_size=1000, batch=10,
         replay=10, lr=0.1, hidden=(256, 256), seed=0, model="mlp", width=None, device="cpu",
         max_steps=None) -> dict:
@@ -136,9 +157,6 @@ def run(train_x, train_y, test_x, test_y, order, task_ends, *, buffer_size=1000,
     opt = torch.optim.SGD(net.parameters(), lr=lr)
     loss_fn = nn.CrossEntropyLoss()
 
-    def images(x):  # [N, H, W, C] uint8 -> float [N, C, H, W] in [0, 1]
-        return x.permute(0, 3, 1, 2).float() / 255.0
-
     # Images stay uint8 [N, H, W, C] on the device and are converted batch by batch.
     xs = torch.from_numpy(np.ascontiguousarray(train_x)).to(dev)
     ys = torch.from_numpy(train_y.astype(np.int64)).to(dev)
@@ -147,16 +165,6 @@ def run(train_x, train_y, test_x, test_y, order, task_ends, *, buffer_size=1000,
     height, wide, channels = train_x.shape[1:]
     buf_x = torch.zeros(buffer_size, channels, height, wide, device=dev)
     buf_y = torch.zeros(buffer_size, dtype=torch.long, device=dev)
-
-    def evaluate():  # accuracy on the whole test set, EVAL_BATCH images at a time
-        net.eval()
-        correct = 0
-        with torch.no_grad():
-            for i in range(0, len(tx), EVAL_BATCH):
-                pred = net(images(tx[i:i + EVAL_BATCH])).argmax(1)
-                correct += (pred == ty[i:i + EVAL_BATCH]).sum().item()
-        net.train()
-        return correct / len(tx)
 
     steps = order if max_steps is None else order[:max_steps]
     seen = 0
@@ -190,11 +198,11 @@ def run(train_x, train_y, test_x, test_y, order, task_ends, *, buffer_size=1000,
             src = torch.tensor(list(slots.values()), device=dev)
             buf_x[dst], buf_y[dst] = x[src], y[src]
         if step + 1 in task_ends:
-            accs.append(evaluate())
+            accs.append(accuracy(net, tx, ty))
     if dev.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     if not accs:
-        accs.append(evaluate())
+        accs.append(accuracy(net, tx, ty))
     return {"seconds": seconds, "samples": int(steps.size), "steps": len(steps),
             "device": str(dev), "final_test_accuracy": accs[-1]}
