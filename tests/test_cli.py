@@ -241,3 +241,23 @@ def test_without_spatial_keeps_only_pixel_wise_augmentations():
     assert augment.without_spatial("crop4,flip") == "none"
     assert augment.without_spatial("none") == "none"
     assert augment.without_spatial("jitter30") == "jitter30"
+
+
+def test_a_rerun_loads_every_program_from_the_persistent_cache(tmp_path):
+    import os
+
+    cache = tmp_path / "cache"
+    env = {**os.environ, "OCLJAX_CACHE_DIR": str(cache)}
+    cmd = [sys.executable, "-m", "experiments.quickstart", *TINY, "--learner", "er",
+           "--seeds", "2", "--no-out"]
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    stored = set(os.listdir(cache))
+    # every program is kept, however quickly it compiled: the chunk, the initialisation and
+    # the linear probe at least (each compiles in well under a second here)
+    assert sum(name.startswith("jit_single") for name in stored) >= 2, stored
+    assert len(stored) >= 3
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert set(os.listdir(cache)) == stored  # nothing compiled anew
+    assert first.stdout.splitlines()[-1] == second.stdout.splitlines()[-1]

@@ -323,3 +323,26 @@ def test_evaluation_chunk_trains_nothing_and_evaluates_once_at_step_0(tiny_ds):
     assert jax.tree.map(np.shape, ev) == jax.tree.map(np.shape, layout)
     assert not ev.steps.valid.any() and not ev.steps.fresh.any()
     assert ev.eval_kind.tolist() == [streams.EVAL_TASK_END, 0, 0] and ev.end_step[0] == 0
+
+
+def test_one_test_pool_when_continual_and_task_end_evaluations_coincide(tiny_ds, monkeypatch):
+    import dataclasses
+
+    # all test samples in both kinds of evaluation: one pool, one evaluation branch
+    cfg = dataclasses.replace(CFG, eval_per_task=0, test_per_task=0)
+    stream = streams.build(cfg, tiny_ds, [0, 1])
+    assert driver.shares_eval_pool(stream)
+    assert not driver.shares_eval_pool(streams.build(CFG, tiny_ds, [0, 1]))  # 8 of 16 per task
+    shared = run(tiny_ds, "er", [0, 1], cfg=cfg)
+    # the same run with the two pools kept apart gives the same numbers, bit for bit
+    monkeypatch.setattr(driver, "shares_eval_pool", lambda stream: False)
+    apart = run(tiny_ds, "er", [0, 1], cfg=cfg)
+    assert (shared.eval_kind == streams.EVAL_CONTINUAL).sum() > 2
+    for name in ("acc", "task_aware", "cumulative", "online_accuracy", "block_loss"):
+        np.testing.assert_array_equal(getattr(shared, name), getattr(apart, name))
+    # the memory plan counts the test data once instead of twice
+    from ocljax.run import evaluation
+
+    pool = evaluation.make_pool(tiny_ds.test_x, tiny_ds.test_y, shared.extra["eval_batch"])
+    saved = apart.extra["memory"]["shared"] - shared.extra["memory"]["shared"]
+    assert saved == driver.tree_bytes(pool) > tiny_ds.test_x.nbytes

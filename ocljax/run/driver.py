@@ -416,13 +416,13 @@ class Program:
                 state, health = isolate_divergence(start, state, health, bad_t, t_end)
                 carried = (state, seen, health)
                 k = jax.random.fold_in(eval_key, t_end)
-                acc = jax.lax.switch(
-                    kind,
-                    [lambda st: evaluation.zeros(n_tasks),
-                     lambda st: evaluate(st, hp, k, aux, cont),
-                     lambda st: evaluate(st, hp, k, aux, full)],
-                    carried[0],
-                )
+                branches = [lambda st: evaluation.zeros(n_tasks),
+                            lambda st: evaluate(st, hp, k, aux, full)]
+                if cont is None:  # continual evaluations use the task-end pool: one branch
+                    kind = jnp.minimum(kind, 1)
+                else:
+                    branches.insert(1, lambda st: evaluate(st, hp, k, aux, cont))
+                acc = jax.lax.switch(kind, branches, carried[0])
                 return (carried, counts), (acc, loss_sum / jnp.maximum(n, 1))
 
             if fidx is None:  # near-future off: a placeholder the steps never read
@@ -707,6 +707,13 @@ def compile_sweep(
     return sweep
 
 
+def shares_eval_pool(stream: Stream) -> bool:
+    """Whether continual evaluations score the same test samples as task-end ones (e.g. both
+    all of them, ``eval_per_task=0, test_per_task=0``): the chunk then uploads one test pool
+    and holds one evaluation branch, a shorter compile and half the test data in memory."""
+    return np.array_equal(stream.eval_continual, stream.eval_full)
+
+
 def _compile(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chunk,
              eval_batch, log, memory_limit, options, fresh, compiler) -> Sweep:
     M = len(seeds)
@@ -728,12 +735,14 @@ def _compile(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chu
     first = next(stream.chunks(bpc))  # every chunk has this layout; compile against it
 
     def make_pools(eb):
-        """The training pool and test subsets, uploaded once, tests cut in batches of ``eb``."""
+        """The training pool and test subsets, uploaded once, tests cut in batches of ``eb``.
+        When continual evaluations use the same test samples as task-end ones (e.g. both all
+        of them), their pool is None: the chunk holds one copy and one evaluation branch."""
         return (
             dataset.train_x, dataset.train_y,
             make_pool(dataset.test_x[stream.eval_full], dataset.test_y[stream.eval_full], eb),
-            make_pool(dataset.test_x[stream.eval_continual],
-                      dataset.test_y[stream.eval_continual], eb),
+            None if shares_eval_pool(stream) else make_pool(dataset.test_x[stream.eval_continual],
+                                        dataset.test_y[stream.eval_continual], eb),
         )
 
     sweep = Sweep(learner, stream, dataset, seeds, "float32", program, mesh, Mp, hp, keys, aux,
@@ -829,8 +838,9 @@ def execute(
         state = sweep.init(keys, hp, sweep.example_x)
         # the initial evaluation: the chunk program on blocks that train nothing
         state, _, accs, _ = sweep.chunk(*sweep.chunk_args(state, sweep.eval_chunk, pools))
-        acc0 = jax.tree.map(lambda a: a[:, 0], accs)
-        history = History.empty(Mp, stream.n_tasks)._replace(acc0=jax.tree.map(to_host, acc0))
+        # sliced on the host: an eager slice of a device array would compile programs of its own
+        acc0 = jax.tree.map(lambda a: to_host(a)[:, 0], accs)
+        history = History.empty(Mp, stream.n_tasks)._replace(acc0=acc0)
         acc0 = history.acc0
         next_block, run_before = 0, 0.0
     else:
@@ -936,7 +946,8 @@ def update_flops(learner: Learner, example_x, hp) -> float | None:
     learners with conditional or looped work (e.g. GDumb's retraining, which runs in
     ``prepare_eval`` and is not counted here) this is an estimate of the per-step work, not a
     measurement."""
-    key = jax.random.PRNGKey(0)
+    # shapes only: nothing is computed (an eager PRNGKey would compile a program of its own)
+    key = jax.eval_shape(jax.random.PRNGKey, 0)
     state = jax.eval_shape(learner.init, key, example_x, hp)
     scalar = jax.ShapeDtypeStruct((), jnp.int32)
     batch = Batch(
@@ -961,7 +972,7 @@ def member_step_flops(learner: Learner, stream: Stream, dataset: Dataset, hp) ->
     aux0 = jax.tree.map(lambda leaf: leaf[0], stream.aux)
     x = jax.eval_shape(lambda aux, a: stream.transform(
         aux, jnp.zeros(a.shape[:1], jnp.int32), a), aux0, x)
-    hp = jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), hp)
+    hp = jax.tree.map(lambda v: jax.ShapeDtypeStruct(np.shape(v), jnp.float32), hp)
     return update_flops(learner, x, hp)
 
 

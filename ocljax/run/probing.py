@@ -14,7 +14,6 @@ from collections.abc import Callable
 from functools import partial
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from ocljax.data.dataset import Dataset
@@ -48,11 +47,13 @@ def compile_probe(learner: Learner, stream: Stream, dataset: Dataset, states, hp
     test_idx = stream.eval_full
     test_views = np.repeat(np.arange(stream.n_views, dtype=np.int32), len(test_idx))
     test_idx = np.tile(test_idx, stream.n_views)
-    xs = (jnp.asarray(dataset.train_x[train_idx]), jnp.asarray(dataset.train_y[train_idx]),
-          jnp.asarray(dataset.test_x[test_idx]), jnp.asarray(dataset.test_y[test_idx]))
+    # host arrays throughout: eager jnp calls on them would each compile a small program
+    xs = (dataset.train_x[train_idx], dataset.train_y[train_idx],
+          dataset.test_x[test_idx], dataset.test_y[test_idx])
 
     def member(args, xs):
-        state, hp, aux, key = args
+        state, hp, aux, seed = args
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), 3)
         x_tr, y_tr, x_te, y_te = xs
         prepared = learner.prepare_eval(state, hp, key)
         seen_tr = jax.vmap(lambda v, y: stream.eval_tasks(aux, v, y[None])[0])(views, y_tr)
@@ -63,10 +64,9 @@ def compile_probe(learner: Learner, stream: Stream, dataset: Dataset, states, hp
             stream.transform(aux, test_views, x_te), y_te, task_te >= 0, task_te, T, C,
             batch=batch)
 
-    hp = jax.tree.map(lambda *v: jnp.asarray(np.stack([np.asarray(a, np.float32) for a in v])),
-                      *hparams)
-    aux = jax.tree.map(jnp.asarray, stream.aux)
-    keys = jnp.stack([jax.random.fold_in(jax.random.PRNGKey(s), 3) for s in seeds])
+    hp = jax.tree.map(lambda *v: np.stack([np.asarray(a, np.float32) for a in v]), *hparams)
+    aux = stream.aux
+    seed_arr = np.asarray(seeds, np.int32)  # member m's key: fold_in(PRNGKey(seeds[m]), 3)
     # the probe's data are arguments, not constants: a program holding MNIST's 12,000 rows as
     # constants took 1.8 s to compile
     run = jax.jit(lambda xs, *a: jax.lax.map(partial(member, xs=xs), a,
@@ -75,11 +75,11 @@ def compile_probe(learner: Learner, stream: Stream, dataset: Dataset, states, hp
     devices = (sharding.mesh.devices.flat if isinstance(sharding, jax.sharding.NamedSharding)
                else sorted(sharding.device_set, key=lambda d: d.id) if sharding is not None
                else [jax.devices()[0]])
-    compiled = (compiler or driver.compile_plain)(run.lower(xs, states, hp, aux, keys),
+    compiled = (compiler or driver.compile_plain)(run.lower(xs, states, hp, aux, seed_arr),
                                                   compiler_options, devices)
 
     def apply(final_states) -> np.ndarray:
-        args = jax.device_put((xs, final_states, hp, aux, keys), compiled.input_shardings[0])
+        args = jax.device_put((xs, final_states, hp, aux, seed_arr), compiled.input_shardings[0])
         return np.asarray(compiled(*args))
 
     return apply
