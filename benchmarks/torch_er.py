@@ -131,7 +131,7 @@ def accuracy(net, tx, ty) -> float:
 
 def run(train_x, train_y, test_x, test_y, order, task_ends, *, buffer_size=1000, batch=10,
         replay=10, lr=0.1, hidden=(256, 256), seed=0, model="mlp", width=None, device="cpu",
-        max_steps=None) -> dict:
+        max_steps=None, eval_every=0, eval_idx=None) -> dict:
     """Train one seed through ``order`` (pool indices, [n_batches, batch]) with online ER;
     returns timings and the final average accuracy.
 
@@ -139,7 +139,11 @@ def run(train_x, train_y, test_x, test_y, order, task_ends, *, buffer_size=1000,
     ``resnet18`` (see ``torch_model``). ``device``: ``"cpu"`` or ``"cuda"``; on a GPU the data
     and the buffer live there. ``max_steps``: train on the first ``max_steps`` batches of
     ``order`` only (to time a big model on a prefix); if that prefix reaches no task end, the
-    accuracy is measured once after the clock stops.
+    accuracy is measured once after the clock stops. ``eval_every`` > 0 adds ocljax's
+    continual evaluation: every ``eval_every`` steps since the task's start, except at the
+    task's end (which evaluates on the whole test set), the accuracy on the test rows
+    ``eval_idx`` (default: all), so that the loop can do the work an ocljax run with
+    continual evaluation does.
     """
     import torch
     from torch import nn
@@ -167,8 +171,10 @@ def run(train_x, train_y, test_x, test_y, order, task_ends, *, buffer_size=1000,
     buf_y = torch.zeros(buffer_size, dtype=torch.long, device=dev)
 
     steps = order if max_steps is None else order[:max_steps]
-    seen = 0
-    accs = []
+    cx, cy = (tx, ty) if eval_idx is None else (tx[torch.from_numpy(np.asarray(eval_idx))],
+                                                 ty[torch.from_numpy(np.asarray(eval_idx))])
+    seen = task_start = 0
+    accs, continual = [], []
     if dev.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -199,10 +205,14 @@ def run(train_x, train_y, test_x, test_y, order, task_ends, *, buffer_size=1000,
             buf_x[dst], buf_y[dst] = x[src], y[src]
         if step + 1 in task_ends:
             accs.append(accuracy(net, tx, ty))
+            task_start = step + 1
+        elif eval_every and (step + 1 - task_start) % eval_every == 0:
+            continual.append(accuracy(net, cx, cy))
     if dev.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     if not accs:
         accs.append(accuracy(net, tx, ty))
     return {"seconds": seconds, "samples": int(steps.size), "steps": len(steps),
-            "device": str(dev), "final_test_accuracy": accs[-1]}
+            "device": str(dev), "final_test_accuracy": accs[-1],
+            "continual_evaluations": len(continual)}
