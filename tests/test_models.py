@@ -391,14 +391,99 @@ def test_matmul_convolution_equals_xla_convolution(kernel, stride, padding, size
     from ocljax.models.conv import Conv
 
     x = jax.random.normal(jax.random.PRNGKey(0), (2, size, size, 3))
-    mods = {impl: Conv(4, kernel, stride, padding, impl=impl) for impl in ("xla", "matmul")}
+    mods = {impl: Conv(4, kernel, stride, padding, impl=impl)
+            for impl in ("xla", "matmul", "canonical")}
     params = mods["xla"].init(jax.random.PRNGKey(1), x)
     outs, grads = {}, {}
     for impl, mod in mods.items():
         outs[impl] = mod.apply(params, x)
         grads[impl] = jax.grad(lambda p, x, mod=mod: (mod.apply(p, x) ** 2).sum(),
                                argnums=(0, 1))(params, x)
-    np.testing.assert_allclose(outs["matmul"], outs["xla"], rtol=1e-5, atol=1e-5)
-    for a, b in zip(jax.tree.leaves(grads["matmul"]), jax.tree.leaves(grads["xla"]),
-                    strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    for impl in ("matmul", "canonical"):
+        np.testing.assert_allclose(outs[impl], outs["xla"], rtol=1e-5, atol=1e-5)
+        for a, b in zip(jax.tree.leaves(grads[impl]), jax.tree.leaves(grads["xla"]),
+                        strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def _conv_grads_under_vmap(conv):
+    """Gradients of a squared-output loss through ``conv(x, k)`` under the ways the library
+    maps it: members (kernel and input per member), a shared kernel (input mapped), per-sample
+    gradients, and a nest of the two."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 2, 7, 7, 8))
+    k = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 3, 8, 5))
+
+    def grad(argnums):
+        return jax.grad(lambda x, k: (conv(x, k) ** 2).sum(), argnums)
+
+    return {
+        "members": jax.vmap(grad((0, 1)))(x, k),
+        "shared kernel": jax.vmap(grad((0, 1)), (0, None))(x, k[0]),
+        "per sample": jax.vmap(lambda xi: grad(1)(xi[None], k[0]))(x[0]),
+        "nested": jax.vmap(jax.vmap(grad((0, 1)), (0, None)), (None, 0))(x, k),
+        "values": jax.vmap(conv)(x, k),
+    }
+
+
+@pytest.mark.parametrize("stride,padding", [((1, 1), ((1, 1), (1, 1))), ((2, 2), ((0, 1), (0, 1)))])
+def test_canonical_convolution_is_exact_under_vmap_and_per_sample_gradients(stride, padding):
+    from ocljax.models.conv import DIMS, canonical_conv
+
+    ref = _conv_grads_under_vmap(lambda x, k: jax.lax.conv_general_dilated(
+        x, k, stride, padding, dimension_numbers=DIMS))
+    got = _conv_grads_under_vmap(lambda x, k: canonical_conv(x, k, stride, padding))
+    for way in ref:
+        for a, b in zip(jax.tree.leaves(ref[way]), jax.tree.leaves(got[way]), strict=True):
+            np.testing.assert_allclose(b, a, rtol=2e-5, atol=2e-4, err_msg=way)
+
+
+def _scanned_step_hlo(impl: str) -> str:
+    """Optimized HLO of three SGD steps of a two-convolution network in a ``lax.scan``."""
+    from flax import linen as nn
+
+    from ocljax.models.conv import Conv
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            h = nn.relu(Conv(8, (3, 3), impl=impl)(x))
+            h = nn.relu(Conv(8, (3, 3), strides=(2, 2), impl=impl)(h))
+            return h.mean((1, 2))
+
+    net = Net()
+    xs = jax.random.normal(jax.random.PRNGKey(0), (3, 4, 8, 8, 8))
+    params = net.init(jax.random.PRNGKey(1), xs[0])
+
+    def run(params):
+        def step(p, x):
+            g = jax.grad(lambda p: (net.apply(p, x) ** 2).sum())(p)
+            return jax.tree.map(lambda a, b: a - 0.1 * b, p, g), None
+
+        return jax.lax.scan(step, params, xs)[0]
+
+    return jax.jit(run).lower(params).compile().as_text()
+
+
+def test_canonical_convolutions_keep_nhwc_hwio_inside_a_loop():
+    # what the canonical implementation is for: in a loop body every convolution of the
+    # forward and backward pass keeps the NHWC / HWIO dimensions of XLA:CPU's fast path
+    import re
+
+    labels = re.findall(r"dim_labels=([\w>-]+)", _scanned_step_hlo("canonical"))
+    assert len(labels) >= 5  # two forward, one input gradient (the first needs none), two kernel
+    assert set(labels) == {"b01f_01io->b01f"}, labels
+
+
+def test_auto_convolution_on_cpu_is_matmul_for_few_channels_and_canonical_otherwise():
+    from ocljax.models.conv import MATMUL_BELOW_CHANNELS, Conv
+
+    def primitives(channels):
+        x = jnp.ones((2, 6, 6, channels))
+        mod = Conv(4, (3, 3))
+        params = mod.init(jax.random.PRNGKey(0), x)
+        return [e.primitive.name for e in jax.make_jaxpr(lambda p: mod.apply(p, x))(params).eqns]
+
+    assert jax.default_backend() == "cpu"
+    assert "dot_general" in primitives(3)  # an RGB input: patches and a matmul
+    assert "custom_vjp_call" not in primitives(3)
+    assert primitives(MATMUL_BELOW_CHANNELS)[0] == "custom_vjp_call"  # canonical_conv
