@@ -231,7 +231,7 @@ class Conv(nn.Module):
             y = canonical_conv(x, kernel, tuple(self.strides), tuple(map(tuple, pads)))
         elif impl == "xla":
             y = jax.lax.conv_general_dilated(x, kernel, self.strides, pads,
-                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                                             dimension_numbers=DIMS)
         else:
             raise ValueError(f"unknown convolution impl {impl!r}; choose one of {IMPLS}")
         if self.use_bias:

@@ -738,12 +738,10 @@ def _compile(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chu
         """The training pool and test subsets, uploaded once, tests cut in batches of ``eb``.
         When continual evaluations use the same test samples as task-end ones (e.g. both all
         of them), their pool is None: the chunk holds one copy and one evaluation branch."""
-        return (
-            dataset.train_x, dataset.train_y,
-            make_pool(dataset.test_x[stream.eval_full], dataset.test_y[stream.eval_full], eb),
-            None if shares_eval_pool(stream) else make_pool(dataset.test_x[stream.eval_continual],
-                                        dataset.test_y[stream.eval_continual], eb),
-        )
+        full = make_pool(dataset.test_x[stream.eval_full], dataset.test_y[stream.eval_full], eb)
+        cont = None if shares_eval_pool(stream) else make_pool(
+            dataset.test_x[stream.eval_continual], dataset.test_y[stream.eval_continual], eb)
+        return dataset.train_x, dataset.train_y, full, cont
 
     sweep = Sweep(learner, stream, dataset, seeds, "float32", program, mesh, Mp, hp, keys, aux,
                   example_x, bpc, (), None, None, None, None, None, 0, None, {}, None, False,
