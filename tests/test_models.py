@@ -487,3 +487,25 @@ def test_auto_convolution_on_cpu_is_matmul_for_few_channels_and_canonical_otherw
     assert "dot_general" in primitives(3)  # an RGB input: patches and a matmul
     assert "custom_vjp_call" not in primitives(3)
     assert primitives(MATMUL_BELOW_CHANNELS)[0] == "custom_vjp_call"  # canonical_conv
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (2, 7, 9, 4)])
+def test_max_pool_2x2_equals_flax_max_pool_with_ties_to_the_bit(shape):
+    from flax import linen as nn
+
+    from ocljax.models.cnn import max_pool_2x2
+
+    x = jax.random.normal(jax.random.PRNGKey(0), shape)
+    x = jnp.round(x * 2) / 2  # many ties inside windows
+    x = x.at[0, 0, 0, 0].set(x[0, 0, 1, 0])  # at least one tie for sure
+    w = jax.random.normal(jax.random.PRNGKey(1), (shape[1] // 2, shape[2] // 2, shape[3]))
+
+    def loss(pool, x):
+        return (pool(jax.nn.relu(x)) * w).sum()
+
+    ref = functools.partial(nn.max_pool, window_shape=(2, 2), strides=(2, 2))
+    np.testing.assert_array_equal(max_pool_2x2(x), ref(x))
+    np.testing.assert_array_equal(jax.grad(loss, 1)(max_pool_2x2, x), jax.grad(loss, 1)(ref, x))
+    # the gradient of a tied window goes to one position only
+    g = jax.grad(lambda x: max_pool_2x2(x).sum())(jnp.ones((1, 2, 2, 1)))
+    np.testing.assert_array_equal(g[0, :, :, 0], [[1.0, 0.0], [0.0, 0.0]])
