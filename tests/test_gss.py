@@ -72,13 +72,42 @@ def test_dense_gram_is_the_gram_of_per_sample_gradients():
     np.testing.assert_allclose(gram, g @ g.T, rtol=1e-4, atol=1e-6)
 
 
-def test_dense_gram_declines_parameters_outside_dense_layers():
-    x = jnp.zeros((3, 8, 8, 1), jnp.uint8)
-    y = jnp.zeros((3,), jnp.int32)
+def test_dense_gram_of_a_cnn_adds_the_per_sample_gradients_of_its_other_parameters():
+    x = jax.random.randint(jax.random.PRNGKey(1), (6, 8, 8, 1), 0, 255).astype(jnp.uint8)
+    y = jnp.arange(6, dtype=jnp.int32) % 4
     for name in ("cnn", "cnn_bn"):
         model = models.make_model(name, 4, width=8)
         net = init_net(model, "sgd", jax.random.PRNGKey(0), x, 0.1)
-        assert gss.dense_gram(model, net, x, y) is None, name
+        if net.model_state:  # non-trivial running statistics for evaluation mode
+            net = net._replace(model_state=jax.tree.map(lambda a: a + 0.3, net.model_state))
+        gram = jax.jit(gss.dense_gram, static_argnums=0)(model, net, x, y)
+        g = loop_grads(model, net.params, x, y) if not net.model_state else \
+            np.asarray(gss.per_sample_grads(model, net, x, y))
+        np.testing.assert_allclose(gram, g @ g.T, rtol=1e-4, atol=1e-6, err_msg=name)
+        # the convolutions' share is really there: the Dense layers alone give less
+        rest = gss.rest_grads(model, net, x, y, [("Dense_0",), ("Dense_1",)])
+        assert rest.shape[1] == sum(
+            leaf.size for key, sub in net.params.items() if not key.startswith("Dense")
+            for leaf in jax.tree.leaves(sub))
+        assert float(jnp.abs(rest @ rest.T).max()) > 1e-3 * float(jnp.abs(gram).max())
+
+
+def test_dense_gram_declines_a_dense_layer_on_a_sequence():
+    from flax import linen as nn
+
+    from ocljax.models.adapter import from_linen
+
+    class Tokens(nn.Module):  # a Dense on [N, 4, features]: not one gradient row per input row
+        @nn.compact
+        def __call__(self, x, train=False):
+            h = nn.relu(nn.Dense(5)(x.reshape(x.shape[0], 4, -1)))
+            h = h.reshape(h.shape[0], -1)
+            return nn.Dense(3)(h), h
+
+    model = from_linen(Tokens(), 3, 20)
+    x, y = jnp.ones((3, 4, 4, 1), jnp.uint8), jnp.zeros((3,), jnp.int32)
+    net = init_net(model, "sgd", jax.random.PRNGKey(0), x, 0.1)
+    assert gss.dense_gram(model, net, x, y) is None
 
 
 def fill_with(second):
