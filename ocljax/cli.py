@@ -54,7 +54,8 @@ def build_parser(prog: str, description: str, preset: dict) -> argparse.Argument
                    "override the stream kind of one entry, NAME@iid trains it on the i.i.d. "
                    "mixture of the stream (joint upper bound). Learners: "
                    f"{', '.join(sorted(learners.REGISTRY))}")
-    p.add_argument("--dataset", help="digits | synthetic | mnist | fashion_mnist")
+    p.add_argument("--dataset",
+                   help="digits | synthetic | mnist | fashion_mnist | cifar10 | cifar100")
     p.add_argument("--stream", choices=streams.KINDS)
     p.add_argument("--n-tasks", type=int, dest="n_tasks")
     p.add_argument("--batch-size", type=int, dest="batch_size", help="incoming samples per step")

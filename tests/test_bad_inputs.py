@@ -42,7 +42,7 @@ CLI_CASES = [
     ("no learner", ["--learner", ","], r"no learner given \(--learner NAME"),
     ("unknown stream of one entry", ["--learner", "er@bogus"],
      r"unknown stream 'bogus'; choose one of split, permuted"),
-    ("unknown dataset", ["--dataset", "cifar1000"], r"unknown dataset 'cifar1000'; choose"),
+    ("unknown dataset", ["--dataset", "imagenet21k"], r"unknown dataset .imagenet21k.; choose"),
     ("dataset typo", ["--dataset", "fashion"],
      r"unknown dataset 'fashion' \(did you mean 'fashion_mnist'\?\)"),
     ("unknown --set key", ["--set", "bufer_size=5"],

@@ -8,7 +8,7 @@ import numpy as np
 from ocljax.data.dataset import Dataset, validate
 from ocljax.errors import DataError
 
-NUM_CLASSES = {"mnist": 10, "fashion_mnist": 10}
+NUM_CLASSES = {"mnist": 10, "fashion_mnist": 10, "cifar10": 10, "cifar100": 100}
 
 
 def available() -> str | None:
