@@ -171,8 +171,11 @@ def run(train_x, train_y, test_x, test_y, order, task_ends, *, buffer_size=1000,
     buf_y = torch.zeros(buffer_size, dtype=torch.long, device=dev)
 
     steps = order if max_steps is None else order[:max_steps]
-    cx, cy = (tx, ty) if eval_idx is None else (tx[torch.from_numpy(np.asarray(eval_idx))],
-                                                 ty[torch.from_numpy(np.asarray(eval_idx))])
+    if eval_idx is None:
+        cx, cy = tx, ty
+    else:
+        rows = torch.from_numpy(np.asarray(eval_idx)).to(dev)
+        cx, cy = tx[rows], ty[rows]
     seen = task_start = 0
     accs, continual = [], []
     if dev.type == "cuda":

@@ -27,12 +27,11 @@ ENV_VAR = "OCLJAX_DATA_DIR"
 
 def how_to_provide(name: str) -> str:
     """Instructions for getting ``name`` onto a machine."""
-    files = ", ".join(idx.FILES.values())
     if name in CIFAR_DATASETS:
         archive, _, folder, *_ = cifar.LAYOUT[name]
         files = f"the original archive {archive} or its extracted folder {folder}"
     else:
-        files = f"the original IDX files ({files})"
+        files = f"the original IDX files ({', '.join(idx.FILES.values())})"
     return (
         f"To provide {name}: put {files} in DIR or DIR/{name} and pass "
         f"--data-dir DIR (or set {ENV_VAR}=DIR); or `pip install 'ocljax[tfds]'` on a machine "
@@ -48,7 +47,7 @@ def load(name: str, data_dir: str | os.PathLike | None = None, download: bool = 
     """
     if name in EMBEDDED:
         return EMBEDDED[name]()
-    if name not in IDX_DATASETS + CIFAR_DATASETS:
+    if name not in DATASETS:
         raise DataError(unknown_choice("dataset", name, DATASETS))
     tried = []
     data_dir = data_dir or os.environ.get(ENV_VAR)
