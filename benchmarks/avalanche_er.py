@@ -12,7 +12,7 @@ process, one seed, one after the other:
   of 1,000, 10 incoming + 10 replayed rows per step, on ``split_online_stream`` experiences of
   10 samples. Its inputs are float tensors prepared beforehand (no per-sample transform), and
   it is timed on training alone (no evaluation): Avalanche's best case;
-- **ocljax**: ``learners.er`` through the driver, one seed on one device, fully optimised; run
+- **ocljax**: ``learners.er`` through the driver, one seed on one device, optimised; run
   time without compilation (printed separately), task-end evaluation.
 
 Workload: ``benchmarks.throughput``'s split-MNIST-shaped synthetic stream (60,000 samples,

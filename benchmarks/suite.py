@@ -192,8 +192,9 @@ def run_driver(job: dict, sweep=None) -> dict:
 
 
 def compile_driver(job: dict):
-    """The compiled sweep (``ocljax.run.driver.compile_sweep``, fully optimised) of a driver
-    job: online ER, SGD lr 0.1, buffer 1,000, 10 replayed rows, seeds ``0 .. members - 1``."""
+    """The compiled sweep (``ocljax.run.driver.compile_sweep``, ``job['compile_mode']``,
+    default ``optimized``) of a driver job: online ER, SGD lr 0.1, buffer 1,000, 10 replayed
+    rows, seeds ``0 .. members - 1``."""
     import jax
 
     from ocljax import learners, models, precision, streams
@@ -211,7 +212,8 @@ def compile_driver(job: dict):
     stream = streams.build(stream_config(job), ds, seeds)
     n_dev = job.get("devices") or devices_for(M, len(jax.local_devices()))
     return driver.compile_sweep(learner, stream, ds, [learners.er.HParams(lr=0.1)] * M, seeds,
-                                n_devices=n_dev, precision=prec, compile_mode="optimized",
+                                n_devices=n_dev, precision=prec,
+                                compile_mode=job.get("compile_mode", "optimized"),
                                 blocks_per_chunk=job.get("blocks_per_chunk"))
 
 
@@ -283,9 +285,9 @@ def run_peak(job: dict) -> dict:
 
 def run_compile(job: dict) -> dict:
     """Compile time of each registered learner (or of ``job['learners']``; 4 members: a 4-point
-    lr grid, one trace), fully optimised and, on a CPU, with ``--compile fast`` (LLVM
-    optimisation off, elemental emitters), and their ratio (elsewhere both modes compile
-    alike, so the fast compile is skipped and its fields are None)."""
+    lr grid, one trace), optimised (``--compile optimized``) and, on a CPU, with ``--compile
+    fast`` (LLVM optimisation off, elemental emitters), and their ratio (elsewhere both modes
+    compile alike, so the fast compile is skipped and its fields are None)."""
     import jax
 
     from ocljax import learners, models, streams

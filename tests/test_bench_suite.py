@@ -78,12 +78,16 @@ def test_compile_modes_benchmark_writes_its_ratios(tmp_path):
     from benchmarks import compile_modes
 
     out = tmp_path / "modes.json"
-    assert compile_modes.main(["--quick", "--json", str(out)]) == 0
+    assert compile_modes.main(["--quick", "--models", "mlp", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
-    assert [r["mode"] for r in res["rows"]] == ["optimized", "fast"] * 2
-    assert res["compile_fast_over_optimized"] > 0 and res["run_fast_over_optimized"] > 0
+    assert [r["mode"] for r in res["rows"]] == ["full", "optimized", "fast"] * 2
+    q = res["ratios"]["mlp"]
+    assert all(q[k] > 0 for k in ("compile_optimized_over_full", "run_optimized_over_full",
+                                  "compile_fast_over_optimized", "run_fast_over_optimized"))
     accs = {round(r["final_average_accuracy"], 3) for r in res["rows"]}
-    assert len(accs) == 1  # the two compilations agree to rounding
+    assert len(accs) == 1  # the three compilations agree to rounding
+    with pytest.raises(SystemExit):  # an unknown model is refused before anything runs
+        compile_modes.main(["--models", "vgg", "--json", str(out)])
 
 
 def test_compile_section_runs_a_learner_without_a_learning_rate():

@@ -64,13 +64,19 @@ def test_compile_mode_policy():
     assert fast["xla_backend_optimization_level"] == 0
     short = 0.5 * driver.AUTO_FAST_BELOW_S * driver.AUTO_CPU_FLOPS
     long = 2.0 * driver.AUTO_FAST_BELOW_S * driver.AUTO_CPU_FLOPS
+    optimized = {"xla_backend_optimization_level": 2}  # LLVM -O2, not XLA's default -O3
+    assert driver.optimized_options() == optimized
     assert driver.compiler_options("auto", "cpu", short) == fast
-    assert driver.compiler_options("auto", "cpu", long) is None
-    assert driver.compiler_options("auto", "cpu", None) is None  # unknown work: optimise
+    assert driver.compiler_options("auto", "cpu", long) == optimized
+    assert driver.compiler_options("auto", "cpu", None) == optimized  # unknown work
     assert driver.compiler_options("fast", "cpu", long) == fast
-    assert driver.compiler_options("optimized", "cpu", short) is None
+    assert driver.compiler_options("optimized", "cpu", short) == optimized
+    assert driver.compiler_options("full", "cpu", short) is None  # XLA's defaults
+    assert driver.compile_effort("auto", "cpu", long) == "optimized"
     for backend in ("gpu", "tpu"):
-        assert driver.compiler_options("fast", backend, short) is None
+        for mode in driver.COMPILE_MODES:
+            assert driver.compiler_options(mode, backend, short) is None
+            assert driver.compile_effort(mode, backend, short) == "full"
     with pytest.raises(ConfigError, match="compile mode"):
         driver.compiler_options("quick", "cpu", short)
 
@@ -98,7 +104,14 @@ def test_fast_and_optimized_compiles_give_the_same_results(tiny_ds, monkeypatch)
     assert len(seen) >= 2 and all(o == fast_options for o in seen)  # chunk, init
     seen.clear()
     opt = run(tiny_ds, "er", [0, 1], compile_mode="optimized")
+    assert len(seen) >= 2 and all(o == driver.optimized_options() for o in seen)
+    seen.clear()
+    full = run(tiny_ds, "er", [0, 1], compile_mode="full")
     assert len(seen) >= 2 and not any(seen)
+    # LLVM -O2 and -O3 round an MLP's numbers alike (BatchNorm models: see the module doc)
+    np.testing.assert_array_equal(opt.acc, full.acc)
+    assert opt.extra["compile"]["effort"] == "optimized"
+    assert full.extra["compile"]["effort"] == "full"
     auto = run(tiny_ds, "er", [0, 1], cost=True)
     assert fast.extra["compile"]["fast"] and not opt.extra["compile"]["fast"]
     assert auto.extra["compile"]["fast"]  # a tiny stream: seconds of work at most

@@ -14,24 +14,35 @@ The training pool and the test subsets are uploaded once; the host sends only in
 ``fold_in(fold_in(k, 1), t)`` and the evaluation after step ``t`` uses
 ``fold_in(fold_in(k, 2), t)``, so results depend neither on chunking nor on the other members.
 
-Compile effort (``compile_mode``): on a CPU, ``fast`` compiles every program of the run with
-LLVM's optimisation off (``xla_backend_optimization_level=0``) and with XLA:CPU's elemental
-emitters instead of its MLIR fusion emitters (``xla_cpu_use_fusion_emitters=False``; dropped
-where the installed XLA does not know the option, see ``fast_options``): compilation takes
-0.25-0.45 of the time, and the matmuls, which XLA:CPU hands to its GEMM library either way, keep
-their speed, while the fused elementwise code runs about 2.5x slower. ``auto`` (the default)
-chooses ``fast`` when a member's run is short: its estimated training work (XLA's FLOP count
-of one member's lowered update times the stream's steps, at ``AUTO_CPU_FLOPS``) is under
-``AUTO_FAST_BELOW_S``. The estimate is per member, not per sweep, so that the choice, and with
-it the rounding of every number, is the same for a member of a sweep and for the single run
-with its seed (fast and optimised code round differently, and over a long stream such
-differences can grow: 0.729 against 0.731 final accuracy for online EWC on permuted MNIST).
-A learner that prepares its evaluation (``prepare_eval`` is not the identity: GDumb retrains
-from scratch, iCaRL herds, SCR and ER-NCM take class means) has evaluation work this count
-does not see (XLA counts a loop body once), so its runs compile optimised: GDumb's
-split-MNIST row ran 2.8x slower with fast code. The estimate depends only on
-the run's plan (not on the device layout or the evaluation batch), so a resumed run makes the
-same choice. Other backends always compile with full optimisation.
+Compile effort (``compile_mode``), on a CPU (other backends always compile with XLA's
+defaults):
+
+- ``fast`` compiles every program of the run with LLVM's optimisation off
+  (``xla_backend_optimization_level=0``) and with XLA:CPU's elemental emitters instead of its
+  MLIR fusion emitters (``xla_cpu_use_fusion_emitters=False``): compilation takes 0.25-0.45 of
+  the time, and the matmuls, which XLA:CPU hands to its GEMM library either way, keep their
+  speed, while the fused elementwise code runs about 2.5x slower.
+- ``optimized`` compiles with LLVM at ``-O2`` (``xla_backend_optimization_level=2``) instead of
+  XLA's default ``-O3``: 25-45% less compile time for equal run time (measured on the MLP,
+  the small CNN and the reduced ResNet-18, one seed and sweeps; docs/performance.md). MLP
+  and plain-CNN runs give bit-identical numbers either way; models with BatchNorm round
+  differently (so do their results, within the spread over seeds).
+- ``full`` keeps XLA's defaults (``-O3``): the numbers ocljax's BatchNorm models gave before
+  the ``-O2`` default, and the last few percent of a long run, if a machine shows any.
+- ``auto`` (the default) chooses ``fast`` when a member's run is short, ``optimized``
+  otherwise: its estimated training work (XLA's FLOP count of one member's lowered update
+  times the stream's steps, at ``AUTO_CPU_FLOPS``) is under ``AUTO_FAST_BELOW_S``.
+
+Options the installed XLA does not know are dropped (``known_options``). The ``auto``
+estimate is per member, not per sweep, so that the choice, and with it the rounding of every
+number, is the same for a member of a sweep and for the single run with its seed (fast and
+optimised code round differently, and over a long stream such differences can grow: 0.729
+against 0.731 final accuracy for online EWC on permuted MNIST). A learner that prepares its
+evaluation (``prepare_eval`` is not the identity: GDumb retrains from scratch, iCaRL herds,
+SCR and ER-NCM take class means) has evaluation work this count does not see (XLA counts a
+loop body once), so its runs compile optimised: GDumb's split-MNIST row ran 2.8x slower with
+fast code. The estimate depends only on the run's plan (not on the device layout or the
+evaluation batch), so a resumed run makes the same choice.
 
 A run is two steps: ``compile_sweep`` traces and compiles every program and checks the memory
 plan, allocating nothing but the members' hyperparameters and keys, and ``execute`` runs the
@@ -78,10 +89,13 @@ from ocljax.types import Array, Batch, Learner, identity_prepare_eval
 from ocljax.units import human_bytes
 
 AXIS = "members"
-COMPILE_MODES = ("auto", "fast", "optimized")
+COMPILE_MODES = ("auto", "fast", "optimized", "full")
 FAST_OPTIONS = {  # XLA:CPU, --compile fast
     "xla_backend_optimization_level": 0,  # LLVM -O0
     "xla_cpu_use_fusion_emitters": False,  # the elemental emitters: shorter compiles
+}
+OPTIMIZED_OPTIONS = {  # XLA:CPU, --compile optimized
+    "xla_backend_optimization_level": 2,  # LLVM -O2 (XLA's default: -O3)
 }
 AUTO_FAST_BELOW_S = 1.0  # auto: compile fast when one member's estimated work is shorter
 AUTO_CPU_FLOPS = 2e10  # one member's training FLOP/s assumed by that estimate (2 cores: 30-80)
@@ -94,23 +108,41 @@ def check_compile_mode(mode: str) -> None:
                           f"{mode!r}")
 
 
-def compiler_options(mode: str, backend: str, estimated_flops: float | None) -> dict | None:
-    """XLA compiler options for a run (None: the defaults) under ``mode`` (module docstring):
-    ``fast`` on a CPU, or ``auto`` on a CPU for a run of fewer than ``AUTO_FAST_BELOW_S``
-    estimated seconds (``estimated_flops`` at ``AUTO_CPU_FLOPS``; unknown counts as long)."""
+def compile_effort(mode: str, backend: str, estimated_flops: float | None) -> str:
+    """The effort a run compiles with under ``mode`` (module docstring): ``fast``,
+    ``optimized`` or ``full``; always ``full`` (XLA's defaults) off a CPU, and ``auto`` on a
+    CPU is ``fast`` for a run of fewer than ``AUTO_FAST_BELOW_S`` estimated seconds
+    (``estimated_flops`` at ``AUTO_CPU_FLOPS``; unknown counts as long), else ``optimized``."""
     check_compile_mode(mode)
-    if backend != "cpu" or mode == "optimized":
-        return None
-    if mode == "fast" or (estimated_flops is not None
-                          and estimated_flops / AUTO_CPU_FLOPS < AUTO_FAST_BELOW_S):
-        return fast_options()
-    return None
+    if backend != "cpu":
+        return "full"
+    if mode != "auto":
+        return mode
+    short = estimated_flops is not None and estimated_flops / AUTO_CPU_FLOPS < AUTO_FAST_BELOW_S
+    return "fast" if short else "optimized"
+
+
+def compiler_options(mode: str, backend: str, estimated_flops: float | None) -> dict | None:
+    """XLA compiler options of a run under ``mode`` (see ``compile_effort``); None: XLA's
+    defaults."""
+    effort = compile_effort(mode, backend, estimated_flops)
+    return {"fast": fast_options, "optimized": optimized_options}.get(effort, lambda: None)()
 
 
 def fast_options() -> dict:
-    """``FAST_OPTIONS`` less any this jaxlib's XLA does not know: XLA's options come and go
+    """``FAST_OPTIONS`` that this jaxlib's XLA knows (``known_options``)."""
+    return known_options(FAST_OPTIONS)
+
+
+def optimized_options() -> dict | None:
+    """``OPTIMIZED_OPTIONS`` that this jaxlib's XLA knows (``known_options``; None if none)."""
+    return known_options(OPTIMIZED_OPTIONS) or None
+
+
+def known_options(options: dict) -> dict:
+    """``options`` less any this jaxlib's XLA does not know: XLA's options come and go
     between releases, and one it does not know fails every compilation."""
-    return {k: v for k, v in FAST_OPTIONS.items() if _option_known(k, v)}
+    return {k: v for k, v in options.items() if _option_known(k, v)}
 
 
 @functools.cache
@@ -581,7 +613,7 @@ def run(
     ``compute_costs``): one extra lowering of a single member's update step (a compilation
     where the backend has no cost analysis of lowered programs).
 
-    ``compile_mode``: ``auto``, ``fast`` or ``optimized`` (see the module docstring); the
+    ``compile_mode``: ``auto``, ``fast``, ``optimized`` or ``full`` (module docstring); the
     choice made, and the XLA options it gave every program, are in
     ``result.extra["compile"]``.
     """
@@ -693,16 +725,17 @@ def compile_sweep(
         step_flops = member_step_flops(learner, stream, dataset, hparams[0]) \
             if cost or (backend == "cpu" and compile_mode == "auto") else None
         work = estimated_work(learner, stream, step_flops)
+        effort = compile_effort(compile_mode, backend, work)
         options = compiler_options(compile_mode, backend, work)
-        if options:
+        if effort == "fast":
             log(f"compiling fast (XLA optimisation off): --compile {compile_mode}"
                 + (f", about {work / AUTO_CPU_FLOPS:.1f} s of work per member" if work else ""))
         sweep = _compile(learner, stream, dataset, hparams, tuple(seeds), n_devices,
                          blocks_per_chunk, eval_batch, log, memory_limit, options, fresh,
                          compiler or compile_plain)
     sweep.precision, sweep.step_flops, sweep.cost = precision, step_flops, cost
-    sweep.compile_info = {"mode": compile_mode, "fast": bool(options), "options": options,
-                          "estimated_work_flops": work}
+    sweep.compile_info = {"mode": compile_mode, "effort": effort, "fast": effort == "fast",
+                          "options": options, "estimated_work_flops": work}
     sweep.compile_s = time.perf_counter() - t0
     return sweep
 
