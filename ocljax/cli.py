@@ -79,7 +79,7 @@ def build_parser(prog: str, description: str, preset: dict) -> argparse.Argument
     p.add_argument("--compile", choices=COMPILE_MODES, default="auto", dest="compile_mode",
                    help="compile effort on a CPU: fast (LLVM optimisation off, elemental "
                    "emitters: ~60%% less compile time, slower elementwise code), optimized "
-                   "(LLVM -O2: ~35%% less compile time than XLA's default, same speed), full "
+                   "(LLVM -O2: a quarter less compile time than XLA's default, same speed), full "
                    "(XLA's default -O3), or auto (default: fast for runs of a few seconds of "
                    "work, optimized otherwise)")
     p.add_argument("--compile-workers", type=int, dest="compile_workers", metavar="N",
