@@ -222,3 +222,18 @@ def test_an_iid_variant_shares_its_programs_and_numbers_with_a_run_alone(tmp_pat
     alone = members(tmp_path / "alone")
     keys = ("final_average_accuracy", "online_accuracy", "acc_matrix", "linear_probe_accuracy")
     assert [[m[k] for k in keys] for m in both] == [[m[k] for k in keys] for m in alone]
+
+
+def test_compile_efforts_from_the_command_line(tmp_path):
+    # --compile optimized (LLVM -O2) and full (XLA's -O3) are both accepted, config.json
+    # records the effort each variant compiled with, and an MLP's numbers agree bitwise
+    runs = {}
+    for mode in ("optimized", "full"):
+        out = tmp_path / mode
+        assert main([*TINY, "--quiet", "--compile", mode, "--out", str(out)], prog="t") == 0
+        timing = json.loads((out / "config.json").read_text())["timing"]
+        assert {t["compile"]["effort"] for t in timing.values()} == {mode}
+        runs[mode] = members(out)
+    for a, b in zip(runs["optimized"], runs["full"], strict=True):
+        assert a["final_average_accuracy"] == b["final_average_accuracy"]
+        assert a["acc_matrix"] == b["acc_matrix"]
