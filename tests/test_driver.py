@@ -88,6 +88,10 @@ def test_fast_options_drop_options_xla_does_not_know(monkeypatch):
     assert fast["xla_backend_optimization_level"] == 0  # the known ones stay
     # and what is left compiles
     jax.jit(lambda x: x * 2).lower(np.float32(1)).compile(fast)
+    # an optimised effort whose every option is unknown compiles with XLA's defaults
+    monkeypatch.setattr(driver, "OPTIMIZED_OPTIONS", {"xla_no_such_option_in_any_release": 2})
+    assert driver.optimized_options() is None
+    assert driver.compiler_options("optimized", "cpu", None) is None
 
 
 def test_fast_and_optimized_compiles_give_the_same_results(tiny_ds, monkeypatch):
