@@ -12,11 +12,12 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=c
 "$PY" -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, \
 'optax', optax.__version__, jax.devices())"
 "$PY" -c "import torch; print('torch', torch.__version__, torch.cuda.is_available())" || true
-# one seed's loop forms first (about a minute): does a scan without control flow beat the
-# driver's while loop on this card? (benchmarks/loop_forms.py)
+# one seed's loop forms first (about a minute): does a scan without control flow, or the
+# while loop in CUDA graphs (while+graphs), beat the driver's while loop on this card?
+# (benchmarks/loop_forms.py)
 quick=""
 for a in "$@"; do [ "$a" = "--quick" ] && quick="--quick"; done
-timeout 150 "$PY" -m benchmarks.loop_forms $quick --json "$OUT/loop_forms.json" || true
+timeout 210 "$PY" -m benchmarks.loop_forms $quick --json "$OUT/loop_forms.json" || true
 OCLJAX_DUMP_HLO="$OUT/hlo" "$PY" -m benchmarks.suite --out "$OUT" --timeout 420 "$@"
 status=$?
 if [ -d "$OUT/hlo" ]; then

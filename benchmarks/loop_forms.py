@@ -18,8 +18,18 @@ schedule). 6,000 steps (1,200 with ``--quick``), three alternating rounds, best 
 On a CPU they differ by a few percent. On a GPU, XLA reads a data-dependent loop predicate
 and a ``cond``'s branch index back to the host at every step, while a scan with a static trip
 count and no branch needs no such round trip, which matters when one seed's step is a few
-dozen microseconds of kernels. Prints ms per step and the ratios against ``while``; checks
-that the three forms end in the same state (equal up to float32 rounding) and writes JSON.
+dozen microseconds of kernels.
+
+On a GPU (or with ``--graphs``) a fourth form, ``while+graphs``, is the ``while`` form compiled
+with XLA's command buffers (CUDA graphs) enabled for every kind of command, loops and
+conditionals included (``GRAPH_OPTIONS``): the loop's predicate is then evaluated on the device
+inside one graph launch instead of on the host between kernel launches. Whether this XLA
+already does so by default is what the comparison with ``while`` shows. A CPU ignores the
+option (the form then times the ``while`` program again); an XLA that does not know it skips
+the form with a note.
+
+Prints ms per step and the ratios against ``while``; checks that the forms end in the same
+state (equal up to float32 rounding) and writes JSON.
 """
 
 from __future__ import annotations
@@ -28,6 +38,9 @@ import sys
 import time
 
 BLOCK = 100
+# XLA:GPU command buffers for every command kind, WHILE and CONDITIONAL included
+GRAPH_OPTIONS = {"xla_gpu_enable_command_buffer":
+                 "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE"}
 
 
 def build(form: str, learner, hp, blocks: int):
@@ -74,9 +87,17 @@ def build(form: str, learner, hp, blocks: int):
 
 
 def main(argv=None) -> int:
-    from benchmarks import quick_args, write_json
+    import argparse
 
-    args = quick_args("benchmarks.loop_forms", __doc__, argv, "1,200 steps")
+    from benchmarks import write_json
+
+    p = argparse.ArgumentParser(prog="benchmarks.loop_forms", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="1,200 steps")
+    p.add_argument("--graphs", action="store_true",
+                   help="time the while+graphs form off a GPU too (default: on GPUs only)")
+    p.add_argument("--json", default="bench_results/loop_forms.json")
+    args = p.parse_args(argv)
 
     import jax
     import numpy as np
@@ -95,12 +116,25 @@ def main(argv=None) -> int:
     learner = er.make(model, er.Config(buffer_size=1000))
     hp = er.HParams(lr=0.1)
     state0 = learner.init(jax.random.key(1), xs[0], hp)
-    forms = ("while", "scan+cond", "scan+mask")
-    compiled, times, finals = {}, {f: [] for f in forms}, {}
-    for form in forms:
+    backend = jax.default_backend()
+    forms = ["while", "scan+cond", "scan+mask"]
+    if backend == "gpu" or args.graphs:
+        forms.append("while+graphs")
+    compiled = {}
+    for form in list(forms):
         t0 = time.perf_counter()
-        compiled[form] = build(form, learner, hp, blocks).lower(state0, xs, ys, valid).compile()
-        print(f"{form:10s} compiled in {time.perf_counter() - t0:.1f} s", flush=True)
+        lowered = build(form.split("+graphs")[0], learner, hp, blocks).lower(state0, xs, ys,
+                                                                             valid)
+        try:
+            compiled[form] = lowered.compile(GRAPH_OPTIONS if form.endswith("+graphs") else None)
+        except jax.errors.JaxRuntimeError as err:
+            if not form.endswith("+graphs"):
+                raise
+            print(f"{form:12s} skipped: this XLA refused {GRAPH_OPTIONS} ({err})", flush=True)
+            forms.remove(form)
+            continue
+        print(f"{form:12s} compiled in {time.perf_counter() - t0:.1f} s", flush=True)
+    times, finals = {f: [] for f in forms}, {}
     args_ = [jax.device_put(a) for a in (xs, ys, valid)]
     for _ in range(3):
         for form in forms:
@@ -114,10 +148,9 @@ def main(argv=None) -> int:
         pairs = zip(jax.tree.leaves(finals[form]), jax.tree.leaves(finals["while"]), strict=True)
         diffs[form] = max(float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))
                                 .max()) for a, b in pairs)
-    backend = jax.default_backend()
     for form in forms:
         ratio = best["while"] / best[form]
-        print(f"{form:10s} {best[form]:.4f} ms/step  {1e4 / best[form] / 1e3:7.1f} k samples/s  "
+        print(f"{form:12s} {best[form]:.4f} ms/step  {1e4 / best[form] / 1e3:7.1f} k samples/s  "
               f"{ratio:.2f}x while  (runs: " + ", ".join(f"{t:.4f}" for t in times[form]) + ")"
               + (f"  max |state - while| {diffs[form]:.1e}" if form in diffs else ""))
     write_json(args.json, {
@@ -126,6 +159,7 @@ def main(argv=None) -> int:
         "block": BLOCK, "ms_per_step": times, "best_ms_per_step": best,
         "while_over_form": {f: best["while"] / best[f] for f in forms},
         "max_state_difference_vs_while": diffs,
+        "graph_options": GRAPH_OPTIONS if "while+graphs" in forms else None,
     })
     return 0
 

@@ -132,9 +132,11 @@ def test_loop_forms_benchmark_ends_every_form_in_the_same_state(tmp_path):
     from benchmarks import loop_forms
 
     out = tmp_path / "forms.json"
-    assert loop_forms.main(["--quick", "--json", str(out)]) == 0
+    assert loop_forms.main(["--quick", "--graphs", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
-    assert set(res["best_ms_per_step"]) == {"while", "scan+cond", "scan+mask"}
+    # while+graphs: the while form with XLA:GPU's command buffers, a no-op on a CPU
+    assert set(res["best_ms_per_step"]) == {"while", "scan+cond", "scan+mask", "while+graphs"}
+    assert res["graph_options"] == loop_forms.GRAPH_OPTIONS
     # the padded steps of the last block are skipped (while, cond) or discarded (mask)
     assert res["valid_steps"] < res["steps"]
     assert all(d < 1e-6 for d in res["max_state_difference_vs_while"].values())
