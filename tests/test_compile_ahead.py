@@ -237,3 +237,23 @@ def test_compile_efforts_from_the_command_line(tmp_path):
     for a, b in zip(runs["optimized"], runs["full"], strict=True):
         assert a["final_average_accuracy"] == b["final_average_accuracy"]
         assert a["acc_matrix"] == b["acc_matrix"]
+
+
+def test_pyplot_is_imported_while_the_variants_compile(tmp_path, monkeypatch):
+    # a run that plots starts importing pyplot before its variants compile; one that does
+    # not plot (or writes no run directory) does not
+    import matplotlib
+
+    from ocljax.run import plots
+
+    started = []
+    real = plots.preload
+    monkeypatch.setattr(plots, "preload", lambda: started.append(real()) or started[-1])
+    assert main([*TINY, "--quiet", "--out", str(tmp_path / "plots")], prog="t") == 0
+    assert len(started) == 1
+    started[0].join(timeout=60)
+    assert not started[0].is_alive() and matplotlib.get_backend().lower() == "agg"
+    assert (tmp_path / "plots" / "accuracy_matrix.png").stat().st_size > 0
+    assert main([*TINY, "--quiet", "--no-plots", "--out", str(tmp_path / "none")], prog="t") == 0
+    assert main([*TINY, "--quiet", "--no-out"], prog="t") == 0
+    assert len(started) == 1

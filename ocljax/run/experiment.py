@@ -574,6 +574,8 @@ def run_experiment(
         raise
     outs: list[VariantResult] = []
     t0 = time.perf_counter()
+    if plot and run_dir is not None:
+        plots.preload()  # imported while the variants compile, plotted at the end
     ahead = None
     try:
         finished = {i: saver.finished(i, p.variant) for i, p in enumerate(prepared)} \
