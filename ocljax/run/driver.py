@@ -125,8 +125,17 @@ def compile_effort(mode: str, backend: str, estimated_flops: float | None) -> st
 def compiler_options(mode: str, backend: str, estimated_flops: float | None) -> dict | None:
     """XLA compiler options of a run under ``mode`` (see ``compile_effort``); None: XLA's
     defaults."""
-    effort = compile_effort(mode, backend, estimated_flops)
-    return {"fast": fast_options, "optimized": optimized_options}.get(effort, lambda: None)()
+    return effort_options(compile_effort(mode, backend, estimated_flops))
+
+
+def effort_options(effort: str) -> dict | None:
+    """XLA compiler options of a compile effort (``compile_effort``'s answer); None: XLA's
+    defaults (``full``)."""
+    if effort == "fast":
+        return fast_options()
+    if effort == "optimized":
+        return optimized_options()
+    return None
 
 
 def fast_options() -> dict:
@@ -726,7 +735,7 @@ def compile_sweep(
             if cost or (backend == "cpu" and compile_mode == "auto") else None
         work = estimated_work(learner, stream, step_flops)
         effort = compile_effort(compile_mode, backend, work)
-        options = compiler_options(compile_mode, backend, work)
+        options = effort_options(effort)
         if effort == "fast":
             log(f"compiling fast (XLA optimisation off): --compile {compile_mode}"
                 + (f", about {work / AUTO_CPU_FLOPS:.1f} s of work per member" if work else ""))
