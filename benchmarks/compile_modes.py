@@ -29,12 +29,13 @@ MODELS = ("mlp", "cnn", "resnet18")
 
 def job(model: str, quick: bool) -> dict:
     """The ``benchmarks.suite`` driver job of ``model``'s workload (one seed)."""
+    from benchmarks import suite
+
     if model == "mlp":
         return {"kind": "driver", "model": "mlp", "samples": 12_000 if quick else 60_000,
                 "members": 1, "test_per_class": 1000, "eval_every": 0}
-    n = {"cnn": 2_000, "resnet18": 400}[model] // (5 if quick else 1)
-    return {"kind": "driver", "model": model, "samples": n, "members": 1, "shape": [32, 32, 3],
-            "test_per_class": 50, "eval_per_task": 50}
+    n = {name: n_cpu for name, n_cpu, *_ in suite.IMAGE_ROWS}[model] // (5 if quick else 1)
+    return {"kind": "driver", "model": model, "samples": n, "members": 1, **suite.IMAGE_JOB}
 
 
 def main(argv=None) -> int:

@@ -60,6 +60,12 @@ HBM_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12, "A100": 2.0e12}  # vendor pe
 
 # ----------------------------------------------------------------------------- the job list
 
+# The image rows: light evaluation (50 test images per class, 50 per task continually) so
+# that they time training, as the MLP rows mostly do; per model, the samples on a CPU and on a
+# GPU and the members of the GPU sweep (4 on a CPU).
+IMAGE_JOB = {"shape": [32, 32, 3], "test_per_class": 50, "eval_per_task": 50}
+IMAGE_ROWS = (("cnn", 2_000, 10_000, 64), ("resnet18", 400, 4_000, 16))
+
 
 def plan(gpu: bool, quick: bool, sections, data_dir: str | None = None) -> list[dict]:
     """The suite's jobs for a GPU or CPU host; each is a dict a worker can run alone.
@@ -100,10 +106,8 @@ def plan(gpu: bool, quick: bool, sections, data_dir: str | None = None) -> list[
         for d in (1, 2, 4, 8):
             add("devices", f"er_mlp_m16_d{d}", members=16, devices=d, cpu_devices=8,
                 **{**mlp, "samples": 12_000 if not quick else 4_000})
-    # Light evaluation (50 test images per class, 50 per task continually) so that the image
-    # rows time training, as the MLP rows mostly do.
-    img = {"shape": [32, 32, 3], "test_per_class": 50, "eval_per_task": 50}
-    for model, n_cpu, n_gpu, sweep in (("cnn", 2_000, 10_000, 64), ("resnet18", 400, 4_000, 16)):
+    img = IMAGE_JOB
+    for model, n_cpu, n_gpu, sweep in IMAGE_ROWS:
         n = (n_gpu if gpu else n_cpu) // (5 if quick else 1)
         add("images", f"torch_{model}", kind="torch", model=model, samples=n, max_samples=n, **img)
         add("images", f"er_{model}_m1", kind="driver", model=model, samples=n, members=1, **img)
