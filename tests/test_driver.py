@@ -363,3 +363,35 @@ def test_one_test_pool_when_continual_and_task_end_evaluations_coincide(tiny_ds,
     pool = evaluation.make_pool(tiny_ds.test_x, tiny_ds.test_y, shared.extra["eval_batch"])
     saved = apart.extra["memory"]["shared"] - shared.extra["memory"]["shared"]
     assert saved == driver.tree_bytes(pool) > tiny_ds.test_x.nbytes
+
+
+def test_running_a_compiled_sweep_compiles_nothing(tiny_ds):
+    """Everything a run needs is compiled by ``compile_sweep``: ``execute`` dispatches no
+    eager device op (each would trace and compile a small program of its own, e.g. summing
+    the chunks' hit counts on the device), and its hit counts equal the chunks' sums."""
+    from jax import monitoring
+
+    module, learner = tiny_learner("er")
+    seeds = [0, 1]
+    stream = streams.build(CFG, tiny_ds, seeds)
+    hps = [module.HParams(lr=0.1)] * 2
+    sweep = driver.compile_sweep(learner, stream, tiny_ds, hps, seeds, n_devices=1,
+                                 blocks_per_chunk=1)
+    events = []
+
+    def listen(event, duration, **kw):
+        events.append(event)
+
+    jax.clear_caches()  # an eager op compiled by an earlier test would not compile again
+    monitoring.register_event_duration_secs_listener(listen)
+    try:
+        res = driver.execute(sweep)
+    finally:
+        monitoring.unregister_event_duration_listener(listen)
+    compiles = [e for e in events if "backend_compile" in e or "jaxpr_trace" in e]
+    assert compiles == []
+    assert len(res.eval_step) > 3  # several chunks, their counts summed on the host
+    whole = driver.run(learner, streams.build(CFG, tiny_ds, seeds), tiny_ds, hps, seeds,
+                       n_devices=1)
+    np.testing.assert_array_equal(res.online_accuracy, whole.online_accuracy)
+    np.testing.assert_array_equal(res.blind_online_accuracy, whole.blind_online_accuracy)

@@ -893,28 +893,28 @@ def execute(
     compile_s = sweep.compile_s + time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    pending = []  # device outputs of the chunks run since the last sync to the host
-    correct_total = sweep.put_members(history.counts)
+    # device outputs of the chunks run since the last sync to the host; their hit counts are
+    # summed there too (an eager device-side sum would compile a program of its own)
+    pending = []
     for chunk in stream.chunks(bpc, next_block):
         state, correct, accs, losses = sweep.chunk(*sweep.chunk_args(state, chunk, pools))
-        pending.append((accs, losses, int(chunk.end_step.max())))
+        pending.append((accs, losses, int(chunk.end_step.max()), correct))
         next_block += bpc
-        correct_total = correct_total + correct
         if progress is not None and len(pending) > 1:
             jax.block_until_ready(pending[-2][0])  # the previous chunk; this one is queued
             progress(pending[-2][2], stream.total_steps, time.perf_counter() - t1)
         stop, due = agree(should_stop is not None and should_stop(),
                           checkpoint is not None and checkpoint.due())
         if checkpoint is not None and (stop or due) and next_block < sched.n_blocks:
-            history = history.extend(pending, correct_total)
+            history = history.extend(pending)
             pending = []
             checkpoint.save(next_block, {"carried": state, "history": history._asdict()},
                             {"next_block": next_block, **layout,
                              "run_s": run_before + time.perf_counter() - t1})
         if stop:
             raise Interrupted(should_stop.signum if hasattr(should_stop, "signum") else 0)
-    jax.block_until_ready((state, correct_total))
-    history = history.extend(pending, correct_total)
+    jax.block_until_ready(state)
+    history = history.extend(pending)
     run_s = run_before + time.perf_counter() - t1
     if progress is not None:
         progress(stream.total_steps, stream.total_steps, run_s)
@@ -1054,16 +1054,19 @@ class History(NamedTuple):
         return History(acc0, evaluation.Accuracies(z, z, z), np.zeros((Mp, 0), np.float32),
                        np.zeros((Mp, 4), np.int32))
 
-    def extend(self, pending: list, counts) -> History:
-        """Append device outputs ``[(accs, losses, end_step)]`` (fetched to the host)."""
+    def extend(self, pending: list) -> History:
+        """Append the device outputs of chunks, ``[(accs, losses, end_step, counts)]``,
+        fetched to the host; their hit counts are added to ``counts``."""
         if not pending:
-            return self._replace(counts=to_host(counts))
+            return self
         accs = evaluation.Accuracies(*(
             np.concatenate([np.asarray(getattr(self.accs, f))]
-                           + [to_host(getattr(a, f)) for a, _, _ in pending], axis=1)
+                           + [to_host(getattr(p[0], f)) for p in pending], axis=1)
             for f in evaluation.Accuracies._fields))
-        losses = np.concatenate([self.losses] + [to_host(lo) for _, lo, _ in pending], axis=1)
-        return History(self.acc0, accs, losses, to_host(counts))
+        losses = np.concatenate([self.losses] + [to_host(p[1]) for p in pending], axis=1)
+        counts = np.asarray(self.counts, np.int64) + sum(
+            to_host(p[3]).astype(np.int64) for p in pending)
+        return History(self.acc0, accs, losses, counts.astype(np.int32))
 
 
 def checkpoint_target(abstract_carried, Mp: int, T: int, layout: dict, meta: dict) -> dict:
