@@ -202,20 +202,33 @@ def test_compile_once_error_reaches_every_waiter_and_is_not_kept():
 
 
 def test_an_iid_variant_shares_its_programs_and_numbers_with_a_run_alone(tmp_path, monkeypatch):
-    made = []
+    from ocljax.run import probing
+
+    made, built = [], []
     real = driver.CompileOnce
 
     def spy():
         made.append(real())
         return made[-1]
 
+    def counted(real_fn, name):
+        def make(*args, **kw):
+            built.append(name)
+            return real_fn(*args, **kw)
+        return make
+
     monkeypatch.setattr(experiment.driver, "CompileOnce", spy)
+    # one Program and one probe function for both variants: each program is traced and
+    # lowered once (jit's caches), not only compiled once
+    monkeypatch.setattr(driver, "Program", counted(driver.Program, "program"))
+    monkeypatch.setattr(probing, "probe_program", counted(probing.probe_program, "probe"))
     i = TINY.index("buffer_size=20")
     args = [*TINY[:i - 1], *TINY[i + 1:], "--quiet", "--compile-workers", "1"]
     assert main([*args, "--learner", "finetune,finetune@iid", "--out", str(tmp_path / "both")],
                 prog="t") == 0
     # initialisation, chunk and probe are finetune's programs again
     assert made[0].shared == 3 and made[0].compiled == 3
+    assert sorted(built) == ["probe", "program"]
     assert main([*args, "--learner", "finetune@iid", "--out", str(tmp_path / "alone")],
                 prog="t") == 0
     both = [m for m in members(tmp_path / "both") if m["variant"] == "finetune@iid"]

@@ -229,10 +229,13 @@ def test_augment_spec_transforms_the_replay_rows(old_task_state):
     learner = rar.make(MODEL, cfg)
     hp, key = rar.HParams(epsilon=0.0), jax.random.PRNGKey(3)
     new, _ = jax.jit(learner.update)(old_task_state, NEW, hp, key)
-    k_write, k_read = jax.random.split(key)
+    # the augmentation's key is a third key of the step's split, none of the replay draw's
+    # (fold_in(key, 1) was split(key)[1], the draw's own key: crops followed the drawn rows)
+    k_write, k_read, k_aug = jax.random.split(key, 3)
+    assert not np.array_equal(k_aug, jax.random.split(key)[1])
     flushed = jax.jit(er.flush)(old_task_state, k_write)
     replay, mask = jax.jit(er.replay_rows, static_argnums=2)(flushed.buffer, k_read, 3, STREAM)
-    views = augment.augment(jax.random.fold_in(key, 1), replay["x"], "crop1")
+    views = augment.augment(k_aug, replay["x"], "crop1")
     assert not np.array_equal(views, replay["x"])
     xf = views.astype(jnp.float32) / 255.0
     params, _ = jax.jit(weighted_step)(old_task_state.net, NEW.x, NEW.y, xf, xf, replay["y"],

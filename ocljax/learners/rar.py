@@ -176,8 +176,10 @@ def perturb_replay(model: Model, cfg: Config, net: NetState, stream: dict, repla
 
 def update_state(model: Model, cfg: Config, state: State, batch: Batch, hp, key):
     """One ER-RAR step: write, read, augment, perturb the replay rows, train."""
-    k_write, k_read = jax.random.split(key)
-    k_aug = jax.random.fold_in(key, 1)
+    # three keys of one split: with JAX's partitionable threefry, fold_in(key, i) equals
+    # split(key, n)[i], so a fold_in beside a split of the same key can repeat a split key
+    # (the augmentation's crops then followed the replay draw)
+    k_write, k_read, k_aug = jax.random.split(key, 3)
     state = er.flush(state, k_write, batch.fresh)
     stream = {"x": batch.x, "y": batch.y}
     replay, replay_mask = er.replay_rows(state.buffer, k_read, cfg.replay_batch, stream)

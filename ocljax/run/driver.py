@@ -181,9 +181,19 @@ class CompileOnce:
 
     def __init__(self):
         self._jobs: dict[tuple, Future] = {}
+        self._made: dict = {}  # ``memo``'s objects
         self._lock = threading.Lock()
         self.compiled = 0  # programs compiled
         self.shared = 0  # lowerings that got an executable compiled for another
+
+    def memo(self, key, make: Callable[[], object]) -> object:
+        """The object ``make()`` returned for ``key`` in an earlier call, or ``make()`` now:
+        e.g. one ``Program`` for sweeps with the same learner and ``ProgramSpec``, whose
+        jitted functions then trace and lower once (``jit`` caches both per function)."""
+        with self._lock:
+            if key not in self._made:
+                self._made[key] = make()
+            return self._made[key]
 
     def __call__(self, lowered, options: dict | None, devices) -> object:
         """``lowered.compile(options)``, or the executable of an equal lowering; ``devices``:
@@ -211,6 +221,19 @@ class CompileOnce:
                 job.set_exception(err)
                 raise
         return job.result()
+
+
+def memo(compiler, key, make: Callable[[], object]) -> object:
+    """``compiler.memo(key, make)`` for a ``CompileOnce``; ``make()`` for any other compiler
+    (e.g. ``compile_plain``), and for a key that cannot be hashed (a learner whose config
+    holds a list)."""
+    if getattr(compiler, "memo", None) is None:
+        return make()
+    try:
+        hash(key)
+    except TypeError:
+        return make()
+    return compiler.memo(key, make)
 
 
 def compile_plain(lowered, options: dict | None, devices) -> object:
@@ -372,19 +395,46 @@ def isolate_divergence(start, state, health, bad_t, t_end):
     return state, jnp.stack([step, cause]).astype(jnp.int32)
 
 
-class Program:
-    """The compiled pieces of a run for one learner, stream layout and member count."""
+@dataclass(frozen=True)
+class ProgramSpec:
+    """Everything a ``Program`` takes from its stream: the stream's functions and the static
+    settings that change the program (array shapes aside, which ``jit`` keys on itself).
+    Streams with equal specs share their programs' traces (``CompileOnce.memo``): e.g. a
+    stream and its i.i.d. twin, whose differences (order, hidden task ids) are data."""
 
-    def __init__(self, learner: Learner, stream: Stream, mesh, members_per_device: int,
+    transform: Callable
+    eval_tasks: Callable
+    n_views: int
+    n_tasks: int
+    near_future: bool  # also score each step's model on a later batch
+    blind_window: int  # labels the input-blind baseline remembers (0: not tracked)
+
+
+def program_spec(stream: Stream) -> ProgramSpec:
+    """The ``ProgramSpec`` of ``stream``."""
+    return ProgramSpec(stream.transform, stream.eval_tasks, stream.n_views, stream.n_tasks,
+                       stream.cfg.near_future > 0, stream.cfg.blind_window)
+
+
+def hides_tasks(stream: Stream) -> bool:
+    """Whether the learner is shown zeros for task ids and boundaries (task-free and i.i.d.
+    streams); they are zeroed in each chunk's schedule on the host, so that hiding them does
+    not change the program."""
+    return stream.cfg.task_free or stream.cfg.iid
+
+
+class Program:
+    """The jitted pieces of a run for one learner, ``ProgramSpec`` and member count."""
+
+    def __init__(self, learner: Learner, spec: ProgramSpec, mesh, members_per_device: int,
                  num_classes: int):
-        self.learner, self.stream, self.mesh = learner, stream, mesh
+        self.learner, self.spec, self.mesh = learner, spec, mesh
         self.trace_count = 0
-        hide = stream.cfg.task_free or stream.cfg.iid
-        near_future = stream.cfg.near_future > 0
-        track = stream.cfg.blind_window > 0  # the input-blind baseline beside online accuracy
-        evaluate = partial(per_task_accuracy, learner, stream.transform, stream.eval_tasks,
-                           stream.n_views, stream.n_tasks)
-        n_tasks = stream.n_tasks
+        near_future = spec.near_future
+        track = spec.blind_window > 0  # the input-blind baseline beside online accuracy
+        evaluate = partial(per_task_accuracy, learner, spec.transform, spec.eval_tasks,
+                           spec.n_views, spec.n_tasks)
+        n_tasks = spec.n_tasks
 
         def member_chunk(carried, hp, key, aux, idx, fidx, steps, eval_kind, end_step, pools):
             """One member through one chunk. ``carried`` is (learner state, blind baseline
@@ -398,17 +448,13 @@ class Program:
 
             def fetch(idx_s):
                 view, sample = idx_s // n_pool, idx_s % n_pool  # virtual index -> view, sample
-                return stream.transform(aux, view, train_x[sample]), train_y[sample]
+                return spec.transform(aux, view, train_x[sample]), train_y[sample]
 
             def train_step(state, seen, info, idx_s, fidx_s):
                 """One valid step: the update, and the step's online tallies."""
                 x, y = fetch(idx_s)
-                batch = Batch(
-                    x, y,
-                    task=jnp.zeros_like(info.task) if hide else info.task,
-                    boundary=jnp.zeros_like(info.boundary) if hide else info.boundary,
-                    t=info.t, fresh=info.fresh,
-                )
+                batch = Batch(x, y, task=info.task, boundary=info.boundary, t=info.t,
+                              fresh=info.fresh)
                 new, metrics = learner.update(state, batch, hp,
                                               jax.random.fold_in(step_key, info.t))
                 logits = metrics.get("stream_logits")
@@ -490,7 +536,7 @@ class Program:
 
         def member_init(key, hp, example_x):
             return (learner.init(jax.random.fold_in(key, 0), example_x, hp),
-                    blind.init_state(max(stream.cfg.blind_window, 1)), HEALTHY)
+                    blind.init_state(max(spec.blind_window, 1)), HEALTHY)
 
         self.init = jax.jit(shard_map(
             over_members(member_init, (0, 0, None), members_per_device), mesh=mesh,
@@ -682,7 +728,11 @@ class Sweep:
         """The compiled chunk's arguments for ``chunk`` of the stream."""
         idx = self.put_members(chunk.idx)
         fidx = None if chunk.future_idx is None else self.put_members(chunk.future_idx)
-        steps, kind, end = self.put_shared((chunk.steps, chunk.eval_kind, chunk.end_step))
+        info = chunk.steps
+        if hides_tasks(self.stream):
+            info = info._replace(task=np.zeros_like(info.task),
+                                 boundary=np.zeros_like(info.boundary))
+        steps, kind, end = self.put_shared((info, chunk.eval_kind, chunk.end_step))
         return (state, self.hp, self.keys, self.aux, idx, fidx, steps, kind, end, pools)
 
     def compile_init(self):
@@ -768,7 +818,8 @@ def _compile(learner, stream, dataset, hparams, seeds, n_devices, blocks_per_chu
     put_s = partial(put_global, sharding=shared_sh)
     chosen = eval_batch  # an explicit evaluation batch is kept; the default may shrink
 
-    program = Program(learner, stream, mesh, Mp // D, dataset.num_classes)
+    key = ("program", learner, program_spec(stream), mesh, Mp // D, dataset.num_classes)
+    program = memo(compiler, key, lambda: Program(*key[1:]))
     hp = put_m(pad_members(stack_members(hparams), Mp))
     keys = put_m(pad_members(np.stack([np.asarray(jax.random.PRNGKey(s)) for s in seeds]), Mp))
     aux = put_m(pad_members(stream.aux, Mp))

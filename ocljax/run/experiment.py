@@ -98,24 +98,40 @@ class Prepared:
     hparams: list
 
 
-def prepare_variant(variant: Variant, ds: data.Dataset) -> Prepared:
+def prepare_variant(variant: Variant, ds: data.Dataset, made: dict | None = None) -> Prepared:
     """Build the stream, model and learner of ``variant``; raises ``ConfigError`` for bad
-    settings before anything is compiled."""
+    settings before anything is compiled. ``made``: learners built for earlier variants of
+    the experiment (on the same ``ds``), by learner, config and model; a variant with the same
+    three gets the same ``Learner`` object, so that sweeps whose programs are the same trace
+    them once (``ocljax.run.driver.CompileOnce.memo``; e.g. finetune and finetune@iid)."""
     stream = streams.build(variant.stream, ds, [m.seed for m in variant.members])
-    model = models.make_model(variant.model.name, ds.num_classes, variant.model.width,
-                              variant.model.depth)
-    if variant.model.init == "torch":
-        model = models.torch_initialised(model)
-    model = precision.cast_model(model, variant.model.precision)
-    # outermost, so pixels are standardised in float32 before a bf16 cast, not after it
-    if variant.model.input_norm == "standard":
-        model = models.standardized(model, *models.channel_stats(ds.train_x))
     module = learners.get(variant.learner)
     learners.check_stream(variant.learner, variant.stream.task_free, variant.learner_config)
     learners.check_augment(variant.learner, variant.stream.kind, variant.learner_config)
-    learner = module.make(model, variant.learner_config)
+    key = (variant.learner, variant.learner_config, variant.model)
+    try:
+        learner = None if made is None else made.get(key)
+    except TypeError:  # a config that cannot be hashed: built on its own
+        key = learner = None
+    if learner is None:
+        learner = module.make(build_model(variant.model, ds), variant.learner_config)
+        if made is not None and key is not None:
+            made[key] = learner
     hps = [module.HParams(**m.hparams) for m in variant.members]
     return Prepared(variant, stream, learner, hps)
+
+
+def build_model(config: ModelConfig, ds: data.Dataset):
+    """The ``ocljax.types.Model`` that ``config`` describes, for ``ds``'s classes (and, with
+    ``input_norm="standard"``, its training pool's channel statistics)."""
+    model = models.make_model(config.name, ds.num_classes, config.width, config.depth)
+    if config.init == "torch":
+        model = models.torch_initialised(model)
+    model = precision.cast_model(model, config.precision)
+    # outermost, so pixels are standardised in float32 before a bf16 cast, not after it
+    if config.input_norm == "standard":
+        model = models.standardized(model, *models.channel_stats(ds.train_x))
+    return model
 
 
 def variant_devices(prep: Prepared, n_devices: int | None) -> int | None:
@@ -562,7 +578,8 @@ def run_experiment(
     run_dir = results.RunDirectory(lead_out, overwrite or resume) if lead_out else None
     try:
         ds = data.load(dataset, data_dir)
-        prepared = [prepare_variant(v, ds) for v in variants]
+        made: dict = {}  # learners shared by variants that differ only in their stream
+        prepared = [prepare_variant(v, ds, made) for v in variants]
         saver = None
         if root is not None:
             saver = Resumable(root, plan_fingerprint(name, dataset, variants, blocks_per_chunk,

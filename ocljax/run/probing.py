@@ -48,41 +48,53 @@ def compile_probe(learner: Learner, stream: Stream, dataset: Dataset, states, hp
     test_views = np.repeat(np.arange(stream.n_views, dtype=np.int32), len(test_idx))
     test_idx = np.tile(test_idx, stream.n_views)
     # host arrays throughout: eager jnp calls on them would each compile a small program
-    xs = (dataset.train_x[train_idx], dataset.train_y[train_idx],
-          dataset.test_x[test_idx], dataset.test_y[test_idx])
-
-    def member(args, xs):
-        state, hp, aux, seed = args
-        key = jax.random.fold_in(jax.random.PRNGKey(seed), 3)
-        x_tr, y_tr, x_te, y_te = xs
-        prepared = learner.prepare_eval(state, hp, key)
-        seen_tr = jax.vmap(lambda v, y: stream.eval_tasks(aux, v, y[None])[0])(views, y_tr)
-        task_te = jax.vmap(lambda v, y: stream.eval_tasks(aux, v, y[None])[0])(test_views, y_te)
-        return probe.linear_probe_task_accuracy(
-            learner.features, prepared, hp,
-            stream.transform(aux, views, x_tr), y_tr, seen_tr >= 0,
-            stream.transform(aux, test_views, x_te), y_te, task_te >= 0, task_te, T, C,
-            batch=batch)
-
+    data = (dataset.train_x[train_idx], dataset.train_y[train_idx], views,
+            dataset.test_x[test_idx], dataset.test_y[test_idx], test_views)
     hp = jax.tree.map(lambda *v: np.stack([np.asarray(a, np.float32) for a in v]), *hparams)
     aux = stream.aux
     seed_arr = np.asarray(seeds, np.int32)  # member m's key: fold_in(PRNGKey(seeds[m]), 3)
-    # the probe's data are arguments, not constants: a program holding MNIST's 12,000 rows as
-    # constants took 1.8 s to compile
-    run = jax.jit(lambda xs, *a: jax.lax.map(partial(member, xs=xs), a,
-                                             batch_size=min(M, MEMBERS_AT_ONCE)))
+    # one jitted function per learner and stream functions in an experiment (``driver.memo``):
+    # variants that differ only in their stream's order (finetune and finetune@iid) trace and
+    # lower their probe once
+    key = ("probe", learner, stream.transform, stream.eval_tasks, T, C, batch,
+           min(M, MEMBERS_AT_ONCE))
+    run = driver.memo(compiler, key, lambda: probe_program(*key[1:]))
     sharding = getattr(jax.tree.leaves(states)[0], "sharding", None)
     devices = (sharding.mesh.devices.flat if isinstance(sharding, jax.sharding.NamedSharding)
                else sorted(sharding.device_set, key=lambda d: d.id) if sharding is not None
                else [jax.devices()[0]])
-    compiled = (compiler or driver.compile_plain)(run.lower(xs, states, hp, aux, seed_arr),
+    compiled = (compiler or driver.compile_plain)(run.lower(data, states, hp, aux, seed_arr),
                                                   compiler_options, devices)
 
     def apply(final_states) -> np.ndarray:
-        args = jax.device_put((xs, final_states, hp, aux, seed_arr), compiled.input_shardings[0])
+        args = jax.device_put((data, final_states, hp, aux, seed_arr),
+                              compiled.input_shardings[0])
         return np.asarray(compiled(*args))
 
     return apply
+
+
+def probe_program(learner: Learner, transform: Callable, eval_tasks: Callable, T: int, C: int,
+                  batch: int, at_once: int) -> Callable:
+    """The probe as a jitted function of ``(data, states, hp, aux, seeds)``: the fitting and
+    test rows with their views (``data``) are arguments, not constants (a program holding
+    MNIST's 12,000 rows as constants took 1.8 s to compile), and members are probed
+    ``at_once`` at a time."""
+
+    def member(args, data):
+        state, hp, aux, seed = args
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), 3)
+        x_tr, y_tr, v_tr, x_te, y_te, v_te = data
+        prepared = learner.prepare_eval(state, hp, key)
+        seen_tr = jax.vmap(lambda v, y: eval_tasks(aux, v, y[None])[0])(v_tr, y_tr)
+        task_te = jax.vmap(lambda v, y: eval_tasks(aux, v, y[None])[0])(v_te, y_te)
+        return probe.linear_probe_task_accuracy(
+            learner.features, prepared, hp,
+            transform(aux, v_tr, x_tr), y_tr, seen_tr >= 0,
+            transform(aux, v_te, x_te), y_te, task_te >= 0, task_te, T, C, batch=batch)
+
+    return jax.jit(lambda data, *a: jax.lax.map(partial(member, data=data), a,
+                                               batch_size=at_once))
 
 
 def final_probe_accuracy(learner: Learner, stream: Stream, dataset: Dataset, states, hparams,
