@@ -39,8 +39,10 @@ class Learner(NamedTuple):
     update(state, batch: Batch, hp, key) -> (state, metrics)
         ``metrics`` is a dict of scalars holding at least ``"loss"``; it may hold
         ``"stream_logits"`` [B, C], the pre-update logits on the incoming batch, which the driver
-        then uses for online (test-then-train) accuracy instead of a second forward pass (for
-        BatchNorm models these are training-mode logits, normalised with batch statistics).
+        then uses for online (test-then-train) accuracy instead of a second forward pass; they
+        must be what ``predict`` of the pre-update state gives, so learners return None on a
+        BatchNorm model, whose training forward normalises rows with the batch's statistics
+        (``ocljax.learners.supervised.online_logits``), and the driver calls ``predict``.
     predict(state, x [N, ...], hp) -> logits [N, C]
     prepare_eval(state, hp, key) -> state used by ``predict`` at evaluation time
         (identity for most learners; class means for nearest-class-mean learners, ...).

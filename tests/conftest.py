@@ -18,12 +18,14 @@ TINY_CONFIG = {
 }
 
 
-def tiny_learner(name: str, num_classes: int = 4):
-    """Learner ``name`` on a width-16 MLP with tiny buffers."""
+def tiny_learner(name: str, num_classes: int = 4, model: str = "mlp"):
+    """Learner ``name`` on a width-16 MLP (or another ``model``, width 8) with tiny buffers."""
     module = learners.get(name)
     fields = {f.name for f in dataclasses.fields(module.Config)}
     cfg = module.Config(**{k: v for k, v in TINY_CONFIG.items() if k in fields})
-    return module, module.make(models.make_model("mlp", num_classes, width=16, depth=1), cfg)
+    net = models.make_model("mlp", num_classes, width=16, depth=1) if model == "mlp" else \
+        models.make_model(model, num_classes, width=8)
+    return module, module.make(net, cfg)
 
 
 @pytest.fixture(scope="session")

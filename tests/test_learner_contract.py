@@ -89,8 +89,33 @@ def test_init_update_jit_keep_structure(name):
     for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(state), strict=True):
         assert a.shape == b.shape and a.dtype == b.dtype
     assert np.isfinite(float(metrics["loss"]))
-    if "stream_logits" in metrics:
+    if metrics.get("stream_logits") is not None:
         assert metrics["stream_logits"].shape == (B, 4)
+
+
+# learners whose online prediction is documented to differ from ``predict``: the linear head
+# beside a nearest-class-mean classifier (iCaRL), class means of the step's replay rows (SCR)
+OWN_ONLINE_PREDICTION = {"icarl", "scr"}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_stream_logits_are_the_pre_update_evaluation_logits(name):
+    """``stream_logits`` stand in for ``predict`` of the pre-update state on the incoming
+    rows (online accuracy, Cai et al. 2021): equal to it on a model without BatchNorm; left
+    out (None: the driver calls ``predict``) on a BatchNorm model, whose training forward
+    normalises each row with the statistics of the whole batch, replayed rows included."""
+    bs = batches()
+    for model in ("mlp", "cnn_bn"):
+        module, learner = tiny_learner(name, model=model)
+        hp = module.HParams()
+        state, _ = run_scan(learner, hp, jax.random.PRNGKey(4), bs)  # a non-empty memory
+        _, metrics = jax.jit(learner.update)(state, step_of(bs, 1), hp, jax.random.PRNGKey(5))
+        given = metrics.get("stream_logits")
+        if model == "cnn_bn":
+            assert given is None or name == "blind"
+        elif given is not None and name not in OWN_ONLINE_PREDICTION:
+            expected = jax.jit(learner.predict)(state, bs.x[1], hp)
+            np.testing.assert_allclose(given, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", HEAVY)

@@ -62,7 +62,13 @@ import jax.numpy as jnp
 from ocljax import optim, tree_math
 from ocljax.errors import ConfigError
 from ocljax.learners import er
-from ocljax.learners.supervised import NetState, apply_gradients, init_net, net_learner
+from ocljax.learners.supervised import (
+    NetState,
+    apply_gradients,
+    init_net,
+    net_learner,
+    online_logits,
+)
 from ocljax.losses import cross_entropy
 from ocljax.memory import reservoir
 from ocljax.types import Array, Batch, Learner, Model, PyTree
@@ -274,7 +280,7 @@ def update_state(model: Model, cfg: Config, state: State, batch: Batch, hp, key)
         pending=jax.tree.map(keep, {"x": batch.x, "y": batch.y}, state.pending),
         pending_valid=keep(jnp.ones_like(state.pending_valid), state.pending_valid),
     )
-    return state, {"loss": loss, "stream_logits": logits}
+    return state, {"loss": loss, "stream_logits": online_logits(net, logits)}
 
 
 def make(model: Model, cfg: Config | None = None) -> Learner:

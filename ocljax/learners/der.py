@@ -54,6 +54,7 @@ from ocljax.learners.supervised import (
     gradient_step,
     init_net,
     net_features,
+    online_logits,
     predict_logits,
 )
 from ocljax.losses import cross_entropy, masked_mean
@@ -161,7 +162,7 @@ def update_state(model: Model, cfg: Config, plus: bool, state: State, batch: Bat
         pending=jax.tree.map(keep, incoming, state.pending),
         pending_valid=keep(jnp.ones((n_stream,), bool), state.pending_valid),
     )
-    return state, {"loss": loss, "stream_logits": stream_logits}
+    return state, {"loss": loss, "stream_logits": online_logits(net, stream_logits)}
 
 
 def _make(model: Model, cfg: Config | None, plus: bool) -> Learner:

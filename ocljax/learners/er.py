@@ -39,6 +39,7 @@ from ocljax.learners.supervised import (
     gradient_step,
     init_net,
     net_learner,
+    online_logits,
 )
 from ocljax.memory import reservoir
 from ocljax.types import Array, Batch, Learner, Model
@@ -182,7 +183,8 @@ def update_state(model: Model, cfg: Config, state: State, batch: Batch, hp, key)
     replay, replay_mask = replay_rows(state.buffer, k_read, cfg.replay_batch, stream)
     net, loss, logits = replay_step(model, cfg, state.net, stream, replay, replay_mask, hp.lr)
     state = hold(state._replace(net=net), stream, batch.fresh)
-    return state, {"loss": loss, "stream_logits": logits[:batch.y.shape[0]]}
+    return state, {"loss": loss,
+                   "stream_logits": online_logits(net, logits[:batch.y.shape[0]])}
 
 
 def make(model: Model, cfg: Config | None = None) -> Learner:

@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 
 from ocljax.learners import er
-from ocljax.learners.supervised import NetState, gradient_step, net_learner
+from ocljax.learners.supervised import NetState, gradient_step, net_learner, online_logits
 from ocljax.losses import cross_entropy
 from ocljax.memory import reservoir
 from ocljax.types import Array, Batch, Learner, Model
@@ -128,7 +128,7 @@ def update_state(model: Model, cfg: Config, state: State, batch: Batch, hp, key)
 
     net, loss, logits = gradient_step(cfg.optimizer, inner.net, loss_fn, hp.lr)
     new = er.hold(inner._replace(net=net, seen=seen), stream, batch.fresh)
-    return new, {"loss": loss, "stream_logits": logits[:n_stream]}
+    return new, {"loss": loss, "stream_logits": online_logits(net, logits[:n_stream])}
 
 
 def make(model: Model, cfg: Config | None = None) -> Learner:

@@ -62,7 +62,13 @@ import optax
 
 from ocljax import optim
 from ocljax.errors import ConfigError, unknown_choice
-from ocljax.learners.supervised import NetState, apply_gradients, init_net, net_learner
+from ocljax.learners.supervised import (
+    NetState,
+    apply_gradients,
+    init_net,
+    net_learner,
+    online_logits,
+)
 from ocljax.types import Array, Batch, Learner, Model, PyTree
 
 TASK_FREE_HINT = "consolidate on a schedule with --set anchor_every=N (steps)"
@@ -163,6 +169,6 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
         fisher = jax.tree.map(lambda f, g: hp.alpha * g + (1.0 - hp.alpha) * f,
                               state.fisher, f_new)
         new = State(net, fisher, consolidated, anchor, state.step + 1)
-        return new, {"loss": ce + pen, "stream_logits": logits}
+        return new, {"loss": ce + pen, "stream_logits": online_logits(net, logits)}
 
     return net_learner(model, init, update, HParams())

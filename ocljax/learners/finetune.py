@@ -12,7 +12,13 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from ocljax import optim
-from ocljax.learners.supervised import NetState, cross_entropy_step, init_net, net_learner
+from ocljax.learners.supervised import (
+    NetState,
+    cross_entropy_step,
+    init_net,
+    net_learner,
+    online_logits,
+)
 from ocljax.types import Batch, Learner, Model
 
 
@@ -41,6 +47,6 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
         state, loss, logits = cross_entropy_step(
             model, cfg.optimizer, state, batch.x, batch.y, None, hp.lr
         )
-        return state, {"loss": loss, "stream_logits": logits}
+        return state, {"loss": loss, "stream_logits": online_logits(state, logits)}
 
     return net_learner(model, init, update, HParams())

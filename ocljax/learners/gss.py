@@ -67,7 +67,13 @@ from jax.flatten_util import ravel_pytree
 from ocljax import optim
 from ocljax.errors import ConfigError
 from ocljax.learners import er
-from ocljax.learners.supervised import NetState, cross_entropy_step, init_net, net_learner
+from ocljax.learners.supervised import (
+    NetState,
+    cross_entropy_step,
+    init_net,
+    net_learner,
+    online_logits,
+)
 from ocljax.losses import cross_entropy
 from ocljax.memory import reservoir
 from ocljax.types import Array, Batch, Learner, Model
@@ -280,7 +286,8 @@ def update_state(model: Model, cfg: Config, state: State, batch: Batch, hp, key)
     mask = jnp.concatenate([jnp.ones_like(batch.y, bool), replay_mask])
     net, loss, logits = cross_entropy_step(model, cfg.optimizer, state.net, x, y, mask, hp.lr)
     state = er.hold(state._replace(net=net), stream, batch.fresh)
-    return state, {"loss": loss, "stream_logits": logits[:batch.y.shape[0]]}
+    return state, {"loss": loss,
+                   "stream_logits": online_logits(net, logits[:batch.y.shape[0]])}
 
 
 def make(model: Model, cfg: Config | None = None) -> Learner:

@@ -69,7 +69,13 @@ import optax
 from ocljax.errors import ConfigError
 from ocljax.learners import er
 from ocljax.learners.er_ncm import class_means, nearest_mean_logits, normalise
-from ocljax.learners.supervised import NetState, gradient_step, init_net, net_features
+from ocljax.learners.supervised import (
+    NetState,
+    gradient_step,
+    init_net,
+    net_features,
+    online_logits,
+)
 from ocljax.losses import masked_mean
 from ocljax.memory import reservoir
 from ocljax.types import Array, Batch, Learner, Model, PyTree
@@ -292,7 +298,7 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
             pending_valid=keep(jnp.ones((n_stream,), bool), state.pending_valid),
             prepared=jnp.zeros((), bool),
         )
-        return state, {"loss": loss, "stream_logits": logits[:n_stream]}
+        return state, {"loss": loss, "stream_logits": online_logits(net, logits[:n_stream])}
 
     def prepare_eval(state: State, hp: HParams, key) -> State:
         """Exemplars as if the task ended now (pending batch included) and their means."""

@@ -58,7 +58,13 @@ import jax.numpy as jnp
 
 from ocljax import optim
 from ocljax.errors import ConfigError
-from ocljax.learners.supervised import NetState, gradient_step, init_net, net_learner
+from ocljax.learners.supervised import (
+    NetState,
+    gradient_step,
+    init_net,
+    net_learner,
+    online_logits,
+)
 from ocljax.losses import cross_entropy
 from ocljax.types import Array, Batch, Learner, Model, PyTree
 
@@ -151,6 +157,6 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
         net, loss, logits = gradient_step(cfg.optimizer, state.net, loss_fn, hp.lr)
         seen = state.seen | (jax.nn.one_hot(batch.y, C) > 0).any(0)
         new = State(net, snapshot, snapshot_seen, seen, state.step + 1)
-        return new, {"loss": loss, "stream_logits": logits}
+        return new, {"loss": loss, "stream_logits": online_logits(net, logits)}
 
     return net_learner(model, init, update, HParams())

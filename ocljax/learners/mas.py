@@ -99,7 +99,13 @@ import optax
 
 from ocljax import optim
 from ocljax.errors import ConfigError, unknown_choice
-from ocljax.learners.supervised import NetState, gradient_step, init_net, net_learner
+from ocljax.learners.supervised import (
+    NetState,
+    gradient_step,
+    init_net,
+    net_learner,
+    online_logits,
+)
 from ocljax.losses import masked_mean
 from ocljax.types import Array, Batch, Learner, Model, PyTree
 
@@ -311,7 +317,8 @@ def update_state(model: Model, cfg: Config, state: State, batch: Batch, hp):
         hard={"x": x[idx], "y": y[idx]},
         hard_valid=top > -jnp.inf,
     )
-    return state, {"loss": ce, "stream_logits": logits[:B], "consolidated": fired}
+    return state, {"loss": ce, "stream_logits": online_logits(net, logits[:B]),
+                   "consolidated": fired}
 
 
 def make(model: Model, cfg: Config | None = None) -> Learner:

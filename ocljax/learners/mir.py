@@ -51,7 +51,7 @@ import optax
 
 from ocljax.errors import ConfigError
 from ocljax.learners import er
-from ocljax.learners.supervised import NetState, net_learner
+from ocljax.learners.supervised import NetState, net_learner, online_logits
 from ocljax.losses import cross_entropy
 from ocljax.types import Array, Batch, Learner, Model
 
@@ -136,7 +136,8 @@ def update_state(model: Model, cfg: Config, state: State, batch: Batch, hp, key)
                                        hp.lr)
     net, loss, logits = er.replay_step(model, cfg, state.net, stream, replay, replay_mask, hp.lr)
     state = er.hold(state._replace(net=net), stream, batch.fresh)
-    return state, {"loss": loss, "stream_logits": logits[:batch.y.shape[0]]}
+    return state, {"loss": loss,
+                   "stream_logits": online_logits(net, logits[:batch.y.shape[0]])}
 
 
 def make(model: Model, cfg: Config | None = None) -> Learner:

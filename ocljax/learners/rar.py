@@ -72,7 +72,7 @@ from ocljax import augment as augment_lib
 from ocljax.errors import ConfigError, unknown_choice
 from ocljax.learners import er
 from ocljax.learners.mir import virtual_params
-from ocljax.learners.supervised import NetState, gradient_step, net_learner
+from ocljax.learners.supervised import NetState, gradient_step, net_learner, online_logits
 from ocljax.models import to_float
 from ocljax.types import Array, Batch, Learner, Model
 
@@ -201,7 +201,7 @@ def update_state(model: Model, cfg: Config, state: State, batch: Batch, hp, key)
 
     net, loss, logits = gradient_step(cfg.optimizer, state.net, loss_fn, hp.lr)
     state = er.hold(state._replace(net=net), stream, batch.fresh)
-    return state, {"loss": loss, "stream_logits": logits[:n_stream]}
+    return state, {"loss": loss, "stream_logits": online_logits(net, logits[:n_stream])}
 
 
 def make(model: Model, cfg: Config | None = None) -> Learner:

@@ -75,7 +75,7 @@ from ocljax import optim
 from ocljax.errors import ConfigError
 from ocljax.learners import er
 from ocljax.learners.er_ncm import class_means, nearest_mean_logits, normalise
-from ocljax.learners.supervised import NetState, gradient_step
+from ocljax.learners.supervised import NetState, gradient_step, online_logits
 from ocljax.memory import reservoir
 from ocljax.types import Array, Batch, Learner, Model
 
@@ -230,7 +230,7 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
             pending_valid=keep(jnp.ones((n_stream,), bool), state.pending_valid),
             means=means, has_mean=has_mean, prepared=jnp.zeros((), bool),
         )
-        return state, {"loss": loss, "stream_logits": stream_logits}
+        return state, {"loss": loss, "stream_logits": online_logits(net, stream_logits)}
 
     def prepare_eval(state: State, hp: HParams, key) -> State:
         """Write the pending batch and take the exact class means of the whole memory."""

@@ -85,6 +85,20 @@ def cross_entropy_step(
     return gradient_step(optimizer, net, loss_fn, lr)
 
 
+def online_logits(net: NetState, logits: Array) -> Array | None:
+    """What a learner returns as ``"stream_logits"`` (``ocljax.types.Learner``): the pre-step
+    training forward's ``logits`` on the incoming rows, when they are the evaluation-mode
+    logits of the pre-update model, i.e. for a model without mutable state (``model_state``
+    empty: no BatchNorm), whose training and evaluation forwards are one function; the driver
+    then scores online accuracy without a second forward pass. None for a model with
+    BatchNorm, whose training forward normalises each row with the statistics of the whole
+    batch (incoming and replayed rows): the driver then scores the pre-update state's
+    ``predict``, the evaluation-mode model that online accuracy asks about (Cai et al. 2021,
+    "Online Continual Learning with Natural Distribution Shifts", Sec. 3). ``net`` may be
+    the pre- or post-update ``NetState``: only its structure is read."""
+    return None if jax.tree.leaves(net.model_state) else logits
+
+
 def predict_logits(model: Model, net: NetState, x: Array) -> Array:
     """Evaluation-mode logits [N, C]."""
     return model.apply(net.params, net.model_state, x, False)[0]

@@ -28,17 +28,28 @@ def anytime_accuracy(acc, eval_task) -> np.ndarray:
         return (acc * seen).sum(-1) / seen.sum(-1)
 
 
-def average_anytime_accuracy(acc, eval_task) -> np.ndarray:
-    """AAA = (1/E') sum_e anytime_accuracy[e] over the E' evaluations made during training:
-    accuracy on the seen tasks averaged over the whole stream, so a method that is only good at
-    task ends scores lower (Caccia et al. 2022, "New Insights on Reducing Abrupt Representation
-    Change in Online Continual Learning", Sec. 5, "AAA"; Koh et al. 2022, "A_AUC").
+def average_anytime_accuracy(acc, eval_task, eval_step=None) -> np.ndarray:
+    """AAA: accuracy on the seen tasks averaged over the whole stream, so a method that is
+    only good at task ends scores lower (Caccia et al. 2022, "New Insights on Reducing Abrupt
+    Representation Change in Online Continual Learning", Sec. 5, "AAA"; Koh et al. 2022,
+    "A_AUC"): [...] over the evaluations made during training (``eval_task >= 0``).
 
-    Evaluations are weighted equally; the driver spaces them ``eval_every`` steps apart except
-    the last one of each task, which falls on the task's end, so this approximates the area
-    under the anytime-accuracy curve (A_AUC) rather than integrating it exactly."""
+    With ``eval_step`` [E] (steps trained when each evaluation ran, the first one before
+    training), each evaluation is weighted by the steps since the previous one: the area under
+    the anytime-accuracy curve divided by the stream's length, each evaluation standing for
+    the steps that led to it. Evenly spaced evaluations (the papers' protocol) weigh the same;
+    a schedule that evaluates more often in places - dense evaluation after each boundary, a
+    task's last, shorter block - does not tilt the average towards them. Without
+    ``eval_step``, the evaluations' plain mean."""
     a = anytime_accuracy(acc, eval_task)
-    return a[..., np.asarray(eval_task) >= 0].mean(-1)
+    during = np.asarray(eval_task) >= 0
+    if eval_step is None:
+        return a[..., during].mean(-1)
+    step = np.asarray(eval_step, np.float64)
+    weight = np.diff(step, prepend=step[0])[during]
+    if weight.sum() <= 0:  # no step between evaluations: nothing to weigh them by
+        return a[..., during].mean(-1)
+    return (a[..., during] * weight).sum(-1) / weight.sum()
 
 
 def min_accuracy(acc, eval_task) -> np.ndarray:

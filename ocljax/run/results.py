@@ -90,7 +90,8 @@ def member_metrics(result) -> list[dict]:
     acc, task = result.acc, result.eval_task
     values = {
         "final_average_accuracy": metrics.final_average_accuracy(R),
-        "average_anytime_accuracy": metrics.average_anytime_accuracy(acc, task),
+        "average_anytime_accuracy": metrics.average_anytime_accuracy(acc, task,
+                                                                     result.eval_step),
         "forgetting": metrics.forgetting(R, "max"),
         "online_accuracy": result.online_accuracy,
         "average_incremental_accuracy": metrics.average_incremental_accuracy(R),
