@@ -4,9 +4,9 @@
 At the end of the stream the learner's features (``Learner.features`` of its ``prepare_eval``
 state) are frozen; a fresh linear classifier (``ocljax.metrics.probe``) is fitted on a
 class-stratified subset of the training pool of the seen classes - every view (task
-permutation) of it on permuted streams - and scored on each task's task-end test samples (all of
-them unless ``test_per_task`` caps them). It asks how
-much the representation still knows, whatever the learner's own head forgot.
+permutation) of it on permuted streams - and scored on each task's task-end test samples (all
+of them unless ``test_per_task`` caps them). It asks how much the representation still knows,
+whatever the learner's own head forgot.
 """
 
 from __future__ import annotations
