@@ -270,3 +270,30 @@ def test_pyplot_is_imported_while_the_variants_compile(tmp_path, monkeypatch):
     assert main([*TINY, "--quiet", "--no-plots", "--out", str(tmp_path / "none")], prog="t") == 0
     assert main([*TINY, "--quiet", "--no-out"], prog="t") == 0
     assert len(started) == 1
+
+
+def test_compile_clock_counts_the_phases_while_started():
+    import jax
+    import jax.numpy as jnp
+
+    from ocljax.run.progress import CompileClock
+
+    clock = CompileClock().start()
+    jax.jit(lambda x: jnp.sin(x) * 3.0)(jnp.ones(3))  # a new function: traced, lowered, compiled
+    clock.stop()
+    done = clock.summary()
+    assert done["traces"] >= 1 and done["lowerings"] >= 1 and done["xla_compiles"] >= 1
+    assert done["trace_s"] > 0 and done["xla_s"] > 0
+    jax.jit(lambda x: jnp.cos(x) + 1.0)(jnp.ones(3))  # after stop: not counted
+    assert clock.summary() == done
+    assert "XLA compiles" in clock.describe()
+
+
+def test_an_experiment_reports_where_its_time_went(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main([*TINY, "--out", str(out)], prog="t") == 0
+    line = [x for x in capsys.readouterr().err.splitlines() if x.startswith("time: ")]
+    assert len(line) == 1 and "compiling" in line[0] and "training" in line[0]
+    time_ = json.loads((out / "config.json").read_text())["time"]
+    assert time_["traces"] > 0 and time_["xla_compiles"] > 0 and time_["run_s"] > 0
+    assert 0 < time_["compile_s"] < time_["wall_s"] and time_["probe_s"] > 0

@@ -24,7 +24,7 @@ from ocljax import data, learners, metrics, models, precision, streams
 from ocljax.errors import ConfigError, unknown_choice
 from ocljax.run import driver, plots, probing, results
 from ocljax.run.checkpoint import Checkpointer, Interrupted
-from ocljax.run.progress import Progress
+from ocljax.run.progress import CompileClock, Progress
 from ocljax.streams.schedule import EVAL_TASK_END
 from ocljax.sweep import Member, devices_for, distributed
 
@@ -210,21 +210,26 @@ def run_variant(
         log("linear probe: skipped in a multi-process run")
     if checkpoint is not None and log is not None:
         checkpoint.log = log
+    compile_wall = 0.0  # compiled here, in turn (not ahead on another thread)
     if compiled is None:
+        t0 = time.perf_counter()
         compiled = compile_variant(prep, ds, n_devices, blocks_per_chunk, checkpoint=checkpoint,
                                    compile_mode=compile_mode, log=log,
                                    probe_per_class=probe_per_class, compiler=compiler)
+        compile_wall = time.perf_counter() - t0
     sweep = compiled.sweep
     result = driver.execute(sweep, progress=progress, log=log,
                             keep_state=compiled.probe is not None, checkpoint=checkpoint,
                             should_stop=should_stop)
+    result.extra["compile_wall_s"] = compile_wall
     if compiled.probe is not None:
         t0 = time.perf_counter()
         per_task = compiled.probe(result.final_state)
         result.extra["linear_probe_task_accuracy"] = per_task
         result.extra["linear_probe_accuracy"] = per_task.mean(-1)
+        result.extra["probe_s"] = time.perf_counter() - t0
         if log is not None:
-            log(f"linear probe: {time.perf_counter() - t0:.1f} s")
+            log(f"linear probe: {result.extra['probe_s']:.1f} s")
     result.final_state = None  # not kept past the probe (nor pickled for resume)
     result.extra["devices"] = sweep.mesh.devices.size
     result.extra["task_classes"] = prep.stream.task_classes
@@ -345,8 +350,35 @@ def write_plots(run_dir: results.RunDirectory, outs: list[VariantResult], groups
                        lambda p: plots.anytime_curves(curves, task_ends, p))
 
 
-def run_config(name, dataset, ds, variants, outs, command, wall_s) -> dict:
-    """``config.json``: every setting of every variant, devices, timings and versions."""
+def time_summary(clock: CompileClock, ahead: CompileAhead | None, ran: list[VariantResult],
+                 wall_s: float) -> dict:
+    """Where an experiment's time went (``config.json``'s ``time``): its wall time up to the
+    run directory; the wall time of compilation (``compile_s``: waiting for the variants to
+    compile ahead, and compiling the others in turn, probes included); training (``run_s``)
+    and the linear probes (``probe_s``) of the variants run; and the JAX compilation phases
+    (``CompileClock``) summed over threads."""
+    waited = ahead.wait_s if ahead is not None and ahead.pool is not None else 0.0
+    in_turn = sum(vr.result.extra.get("compile_wall_s", 0.0) for vr in ran)
+    return {"wall_s": wall_s, "compile_s": waited + in_turn,
+            "run_s": sum(vr.result.run_s for vr in ran),
+            "probe_s": sum(vr.result.extra.get("probe_s", 0.0) for vr in ran),
+            **clock.summary()}
+
+
+def describe_time(timing: dict) -> str:
+    """The line an experiment prints at its end: ``time_summary`` in words."""
+    t = timing
+    hits = f" ({t['cache_hits']} from the cache)" if t["cache_hits"] else ""
+    return (f"time: {t['wall_s']:.1f} s; compiling {t['compile_s']:.1f} s ({t['traces']} "
+            f"traces {t['trace_s']:.1f} s, {t['lowerings']} lowerings {t['lower_s']:.1f} s, "
+            f"{t['xla_compiles']} XLA compiles{hits} {t['xla_s']:.1f} s, summed over "
+            f"threads); training {t['run_s']:.1f} s; linear probes {t['probe_s']:.1f} s")
+
+
+def run_config(name, dataset, ds, variants, outs, command, wall_s,
+               compilation: dict | None = None) -> dict:
+    """``config.json``: every setting of every variant, devices, timings and versions;
+    ``compilation``: the experiment's ``time_summary``."""
     return {
         "experiment": name, "command": command, "dataset": dataset,
         "dataset_source": ds.source,
@@ -363,6 +395,7 @@ def run_config(name, dataset, ds, variants, outs, command, wall_s) -> dict:
                                       "compile": vr.result.extra.get("compile")}
                    for vr in outs},
         "wall_s": wall_s,
+        "time": compilation,
         "complete": len(outs) == len(variants),
         "versions": versions(),
     }
@@ -482,6 +515,7 @@ class CompileAhead:
         self.prepared, self.quiet = prepared, quiet
         self.jobs: dict[int, tuple[Future, list[str]]] = {}
         self.pool = None
+        self.wait_s = 0.0  # wall time spent waiting for the variants to compile ahead
         if workers < 2 or distributed.process_count() > 1:
             return
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="ocljax-variant")
@@ -494,8 +528,10 @@ class CompileAhead:
         if not quiet:
             print(f"compiling {len(todo)} variants on {workers} threads", file=sys.stderr,
                   flush=True)
+        t0 = time.perf_counter()
         try:
             wait([job for job, _ in self.jobs.values()])
+            self.wait_s = time.perf_counter() - t0
         except BaseException:  # interrupted while waiting: start no further compilation
             self.cancel()
             raise
@@ -594,6 +630,8 @@ def run_experiment(
     if plot and run_dir is not None:
         plots.preload()  # imported while the variants compile, plotted at the end
     ahead = None
+    clock = CompileClock().start()
+    ran: list[VariantResult] = []  # run by this call (not loaded from an interrupted one)
     try:
         finished = {i: saver.finished(i, p.variant) for i, p in enumerate(prepared)} \
             if saver is not None else {}
@@ -620,14 +658,17 @@ def run_experiment(
                 prep, ds, n_devices, quiet, blocks_per_chunk, probe_per_class=probe_per_class,
                 checkpoint=checkpointers.get(i), should_stop=should_stop,
                 compile_mode=compile_mode, compiled=ahead.compiled(i), compiler=compiler))
+            ran.append(outs[-1])
             if saver is not None:
                 saver.save_finished(i, outs[-1])
     except BaseException as err:
+        clock.stop()
         if ahead is not None:
             ahead.cancel()
         if run_dir is not None and (outs or isinstance(err, Interrupted)):
-            config = run_config(name, dataset, ds, variants, outs, command,
-                                time.perf_counter() - t0)
+            wall = time.perf_counter() - t0
+            config = run_config(name, dataset, ds, variants, outs, command, wall,
+                                time_summary(clock, ahead, ran, wall))
             write_run(run_dir, config, outs, plot and bool(outs), complete=False)
             path = run_dir.commit()
             print(f"{name}: stopped; the {len(outs)} finished variant(s) are in {path} "
@@ -640,7 +681,12 @@ def run_experiment(
                 and not any(p.name.isdigit() for p in saver.root.glob("variant-*/*"))):
             shutil.rmtree(saver.root, ignore_errors=True)  # failed before any work: no trace
         raise
-    config = run_config(name, dataset, ds, variants, outs, command, time.perf_counter() - t0)
+    clock.stop()
+    wall = time.perf_counter() - t0
+    timing = time_summary(clock, ahead, ran, wall)
+    if not quiet and ran:
+        print(describe_time(timing), file=sys.stderr, flush=True)
+    config = run_config(name, dataset, ds, variants, outs, command, wall, timing)
     if run_dir is not None:
         try:
             summary = write_run(run_dir, config, outs, plot)
