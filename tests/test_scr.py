@@ -263,3 +263,32 @@ def test_check_config_rejects_bad_settings():
 def test_tiny_learner_defaults_are_the_registered_module():
     module, _ = tiny_learner("scr")
     assert module is scr and scr.HParams().temperature == pytest.approx(0.07)
+
+
+def test_stream_logits_are_evaluation_mode_on_a_batchnorm_model():
+    """With BatchNorm, the online prediction's class means and queries are embedded in
+    evaluation mode (running statistics), not with the training forward's batch statistics:
+    the same as on a model without BatchNorm."""
+    from ocljax import models
+
+    model = models.make_model("cnn_bn", 4, width=8)
+    learner = scr.make(model, scr.Config(buffer_size=8, replay_batch=8))
+    hp, bs = scr.HParams(), batches()
+    state = learner.init(jax.random.PRNGKey(0), bs.x[0], hp)
+    update = jax.jit(learner.update)
+    for i in range(3):
+        state, _ = update(state, step_of(bs, i), hp, jax.random.PRNGKey(i))
+    assert "batch_stats" in state.net.model_state
+    new, metrics = update(state, step_of(bs, 3), hp, jax.random.PRNGKey(3))
+    buf = new.buffer  # as read at step 3 (8 rows, all replayed)
+    assert int(reservoir.size(buf)) == 8
+    params, mstate = state.net.params["net"], state.net.model_state
+    _, f_buf, _ = model.apply(params, mstate, buf.data["x"], False)
+    _, f_x, _ = model.apply(params, mstate, bs.x[3], False)
+    f_buf, y_buf = normalised(f_buf), np.asarray(buf.data["y"])
+    got = np.asarray(metrics["stream_logits"])
+    for c in range(4):
+        if (y_buf == c).any():
+            mean = normalised(f_buf[y_buf == c].mean(0, keepdims=True))[0]
+            np.testing.assert_allclose(got[:, c], -((normalised(f_x) - mean) ** 2).sum(-1),
+                                       rtol=1e-4, atol=1e-5)

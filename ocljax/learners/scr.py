@@ -75,7 +75,7 @@ from ocljax import optim
 from ocljax.errors import ConfigError
 from ocljax.learners import er
 from ocljax.learners.er_ncm import class_means, nearest_mean_logits, normalise
-from ocljax.learners.supervised import NetState, gradient_step, online_logits
+from ocljax.learners.supervised import NetState, gradient_step
 from ocljax.memory import reservoir
 from ocljax.types import Array, Batch, Learner, Model
 
@@ -215,12 +215,17 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
             loss = supcon_loss(z, jnp.tile(y, 2), jnp.tile(valid, 2), hp.temperature)
             return loss, (jax.lax.stop_gradient(feats[:n]), model_state)
 
-        if cfg.augment_both:  # neither view is the original: embed it for the stream logits
+        # Online prediction: class means of the replayed rows (memory labels only), in the
+        # pre-update network's evaluation-mode features. The training forward's features of
+        # the original view are those unless neither view is the original (augment_both) or
+        # the model has BatchNorm (training mode normalises with the batch's statistics):
+        # then the rows are embedded once more, in evaluation mode.
+        embed = cfg.augment_both or bool(jax.tree.leaves(state.net.model_state))
+        if embed:
             plain, _ = features(state.net.params, state.net.model_state, x, False)
         net, loss, plain_or_view = gradient_step(cfg.optimizer, state.net, loss_fn, hp.lr)
-        if not cfg.augment_both:
+        if not embed:
             plain = plain_or_view
-        # Online prediction: class means from the replayed rows only (memory labels).
         means, has_mean = class_means(plain[n_stream:], replay["y"], replay_mask, C)
         stream_logits = nearest_mean_logits(plain[:n_stream], means, has_mean)
         keep = lambda new, old: jnp.where(batch.fresh, new, old)  # noqa: E731
@@ -230,7 +235,7 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
             pending_valid=keep(jnp.ones((n_stream,), bool), state.pending_valid),
             means=means, has_mean=has_mean, prepared=jnp.zeros((), bool),
         )
-        return state, {"loss": loss, "stream_logits": online_logits(net, stream_logits)}
+        return state, {"loss": loss, "stream_logits": stream_logits}
 
     def prepare_eval(state: State, hp: HParams, key) -> State:
         """Write the pending batch and take the exact class means of the whole memory."""
