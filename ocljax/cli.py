@@ -119,7 +119,8 @@ def build_parser(prog: str, description: str, preset: dict) -> argparse.Argument
                    "members are sharded over the devices of all processes")
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic GPU kernels (XLA_FLAGS=--xla_gpu_deterministic_ops=true)"
-                   "; CPU and TPU runs are deterministic anyway (docs/determinism.md)")
+                   "; CPU and TPU runs are deterministic anyway (README 'Determinism', "
+                   "docs/robustness.md)")
     p.add_argument("--no-plots", action="store_true", dest="no_plots")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(**{k: v for k, v in preset.items() if k not in ("set", "grid")})
@@ -346,8 +347,9 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "ocljax", description
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     except Interrupted as err:
-        print(f"{prog}: interrupted by signal {err.signum}; a final checkpoint was written",
-              file=sys.stderr)
+        saved = ("; the finished variants and a checkpoint of the one running were saved"
+                 if out else " (--no-out: nothing was saved)")
+        print(f"{prog}: interrupted by signal {err.signum}{saved}", file=sys.stderr)
         return 128 + err.signum
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

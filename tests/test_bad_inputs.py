@@ -425,3 +425,14 @@ def test_random_class_order_with_an_empty_class(tiny_ds):
     with pytest.raises(ConfigError, match=r"task 0 has 0 training samples, fewer than "
                        r"batch_size=4"):
         streams.build(cfg, ds, [0])
+
+
+def test_a_resume_with_other_settings_names_the_nested_setting():
+    from ocljax.run.experiment import differences
+
+    saved = {"experiment": "t", "variants": [{"label": "er", "members": [{"seed": 0}]}]}
+    asked = {"experiment": "t", "variants": [{"label": "er", "members": [{"seed": 1}]}]}
+    assert differences(saved, asked) == ["variants[0].members[0].seed"]
+    longer = {"experiment": "t", "variants": [*asked["variants"], {"label": "lwf"}]}
+    assert differences(saved, longer) == ["variants"]  # a variant more: the whole list
+    assert differences(saved, saved) == []

@@ -71,9 +71,18 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tiny_ds, tmp_path)
     newest = max((p for p in (tmp_path / "ck").iterdir() if p.name.isdigit()),
                  key=lambda p: int(p.name))
     corrupt(newest)
+    # resumed from the one before, saving at every chunk: it saves the unreadable step again
+    # (which failed with "step already exists" while the bad one was left in place)
     with pytest.warns(RuntimeWarning, match="cannot be read"):
-        resumed = run(tiny_ds, checkpoint=Checkpointer(tmp_path / "ck", every_s=1e9))
+        resumed = run(tiny_ds, checkpoint=Checkpointer(tmp_path / "ck", every_s=0.0))
     assert_same(whole, resumed)
+    # the step written again is readable: resuming from it warns of nothing
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        again = run(tiny_ds, checkpoint=Checkpointer(tmp_path / "ck", every_s=1e9))
+    assert_same(whole, again)
 
 
 def test_every_checkpoint_unreadable_starts_afresh(tiny_ds, tmp_path):
@@ -99,3 +108,47 @@ def test_checkpoint_of_another_layout_is_refused(tiny_ds, tmp_path):
     with pytest.raises(ConfigError, match="laid out"):
         driver.run(learner, stream, tiny_ds, [module.HParams()] * 2, [0, 1], n_devices=1,
                    blocks_per_chunk=1, checkpoint=Checkpointer(tmp_path / "ck"))
+
+
+def test_stop_asked_during_the_last_chunk_lets_the_run_finish(tiny_ds, tmp_path):
+    """Once the last chunk is dispatched, a stop request no longer throws the run's work
+    away (it raised with nothing to checkpoint, so a resume retrained the variant)."""
+    whole = run(tiny_ds)
+    polls = len(whole.block_loss[0])  # one poll per chunk of one block
+    done = run(tiny_ds, checkpoint=Checkpointer(tmp_path / "ck", every_s=1e9),
+               should_stop=StopAfter(polls - 1))  # True at the last poll only
+    assert_same(whole, done)
+
+
+def test_experiment_stops_before_its_next_variant(tmp_path, monkeypatch):
+    """A stop that arrives while a variant finishes is honoured before the next variant
+    starts: the finished one is kept, and a resume runs only the rest."""
+    from ocljax.run import experiment
+    from ocljax.sweep import Member
+
+    real, started, finished = experiment.driver.execute, [], []
+
+    def execute(*args, **kwargs):
+        started.append(1)
+        out = real(*args, **kwargs)
+        finished.append(1)
+        return out
+
+    monkeypatch.setattr(experiment.driver, "execute", execute)
+    model = experiment.ModelConfig(width=16, depth=1)
+    variants = [experiment.Variant(name, name, streams.StreamConfig(n_tasks=2, eval_every=10),
+                                   tiny_learner(name)[0].Config(), model, [Member(0, {})])
+                for name in ("finetune", "er")]
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted):
+        experiment.run_experiment("t", "synthetic", variants, out=str(out), quiet=True,
+                                  plot=False, should_stop=lambda: bool(finished))
+    assert len(started) == len(finished) == 1  # er never started
+    import json
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["complete"] is False
+    assert {m["variant"] for m in summary["members"]} == {"finetune"}
+    experiment.run_experiment("t", "synthetic", variants, out=str(out), quiet=True,
+                              plot=False, resume=True)
+    assert len(started) == len(finished) == 2  # only er ran

@@ -73,11 +73,16 @@ class Checkpointer:
         """Write checkpoint ``step`` (a pytree of arrays and a JSON-able ``meta``); blocks until
         it is complete on disk."""
         ocp = _quiet_orbax()
+        if step in self.manager.all_steps():
+            # only a step that ``restore`` skipped as unreadable is on disk again: a resumed
+            # run saves the same step with the same numbers
+            self.log(f"checkpoint: replacing block {step} in {self.directory}")
+            self.manager.delete(step)
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)), force=True)
         self.manager.wait_until_finished()
         self.last = time.monotonic()
-        self.log(f"checkpoint: step {step} saved in {self.directory}")
+        self.log(f"checkpoint: block {step} saved in {self.directory}")
 
     def restore(self, abstract: Callable[[dict], object]) -> tuple[object, dict] | None:
         """The newest readable checkpoint as ``(tree, meta)``, or None when there is none.
@@ -106,7 +111,7 @@ class Checkpointer:
                 warnings.warn(message, RuntimeWarning, stacklevel=2)
                 self.log(message)
                 continue
-            self.log(f"checkpoint: resuming from step {step} in {self.directory}")
+            self.log(f"checkpoint: resuming from block {step} in {self.directory}")
             return tree, meta
         return None
 

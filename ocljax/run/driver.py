@@ -962,8 +962,10 @@ def execute(
             checkpoint.save(next_block, {"carried": state, "history": history._asdict()},
                             {"next_block": next_block, **layout,
                              "run_s": run_before + time.perf_counter() - t1})
-        if stop:
+        if stop and next_block < sched.n_blocks:
             raise Interrupted(should_stop.signum if hasattr(should_stop, "signum") else 0)
+        # a stop asked during the last chunk lets the run finish: its work is all dispatched,
+        # and nothing is left to checkpoint (an experiment stops before its next variant)
     jax.block_until_ready(state)
     history = history.extend(pending)
     run_s = run_before + time.perf_counter() - t1

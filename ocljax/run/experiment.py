@@ -440,6 +440,17 @@ def plan_fingerprint(name: str, dataset: str, variants: list[Variant],
     })
 
 
+def differences(a, b, path: str = "") -> list[str]:
+    """The paths (``variants[0].members[1].seed``) at which two JSON-like values differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted({*a, *b}, key=str)
+                for d in differences(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b, strict=True))
+                for d in differences(x, y, f"{path}[{i}]")]
+    return [] if a == b else [path or "(the plan)"]
+
+
 class Resumable:
     """The checkpoint side of one experiment run: the plan it belongs to, one orbax directory
     per variant, and a pickle of each finished variant's results."""
@@ -451,12 +462,13 @@ class Resumable:
         if plan_file.exists():
             saved = json.loads(plan_file.read_text())
             if saved != fingerprint:
-                diff = sorted(k for k in {*fingerprint, *saved}
-                              if saved.get(k) != fingerprint.get(k))
+                diff = differences(saved, fingerprint)
+                shown = ", ".join(diff[:6]) + (f" and {len(diff) - 6} more" if len(diff) > 6
+                                               else "")
                 raise ConfigError(
                     f"the checkpoints in {root} belong to a run with other settings (differs "
-                    f"in: {', '.join(diff) or 'variants'}); rerun the original command with "
-                    "--resume, or start over with --overwrite")
+                    f"in: {shown}); rerun the original command with --resume, or start over "
+                    "with --overwrite")
         elif distributed.process_index() == 0:
             root.mkdir(parents=True, exist_ok=True)
             results.write_atomic(plan_file, json.dumps(fingerprint, indent=1, sort_keys=True))
@@ -650,6 +662,9 @@ def run_experiment(
                           file=sys.stderr, flush=True)
                 outs.append(done)
                 continue
+            stop, = distributed.agree(should_stop is not None and should_stop())
+            if stop:  # asked while the previous variant finished its last chunk
+                raise Interrupted(getattr(should_stop, "signum", 0))
             if not quiet:
                 kind = v.stream.kind + (" (i.i.d.)" if v.stream.iid else "")
                 print(f"{v.label}: {len(v.members)} member(s), {ds.name}, {kind} stream",

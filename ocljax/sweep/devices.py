@@ -33,7 +33,7 @@ def request_deterministic() -> bool:
     """Ask XLA for deterministic GPU kernels (no atomics in scatter-adds and reductions, a
     fixed convolution algorithm): identical bits run to run on one GPU, at some speed cost.
     CPU and TPU runs are deterministic without it. Must run before JAX initialises its
-    backends; returns True when the flag was added (see ``docs/determinism.md``)."""
+    backends; returns True when the flag was added (see ``docs/robustness.md``)."""
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_gpu_deterministic_ops" in flags:
         return False
