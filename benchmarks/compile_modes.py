@@ -20,7 +20,6 @@ CPU every effort compiles with XLA's defaults.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 EFFORTS = ("full", "optimized", "fast")
@@ -39,12 +38,11 @@ def job(model: str, quick: bool) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="benchmarks.compile_modes", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
+    from benchmarks import quick_parser
+
+    p = quick_parser("benchmarks.compile_modes", __doc__, "a fifth of each stream")
     p.add_argument("--models", default=",".join(MODELS),
                    help=f"comma-separated, from {', '.join(MODELS)}")
-    p.add_argument("--json", default="bench_results/compile_modes.json")
     args = p.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
     unknown = sorted(set(models) - set(MODELS))

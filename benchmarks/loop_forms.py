@@ -87,16 +87,11 @@ def build(form: str, learner, hp, blocks: int):
 
 
 def main(argv=None) -> int:
-    import argparse
+    from benchmarks import quick_parser, write_json
 
-    from benchmarks import write_json
-
-    p = argparse.ArgumentParser(prog="benchmarks.loop_forms", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="1,200 steps")
+    p = quick_parser("benchmarks.loop_forms", __doc__, "1,200 steps")
     p.add_argument("--graphs", action="store_true",
                    help="time the while+graphs form off a GPU too (default: on GPUs only)")
-    p.add_argument("--json", default="bench_results/loop_forms.json")
     args = p.parse_args(argv)
 
     import jax
