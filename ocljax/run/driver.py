@@ -225,7 +225,7 @@ class CompileOnce:
 
 def memo(compiler, key, make: Callable[[], object]) -> object:
     """``compiler.memo(key, make)`` for a ``CompileOnce``; ``make()`` for any other compiler
-    (e.g. ``compile_plain``), and for a key that cannot be hashed (a learner whose config
+    (``compile_plain``, None), and for a key that cannot be hashed (a learner whose config
     holds a list)."""
     if getattr(compiler, "memo", None) is None:
         return make()

@@ -24,7 +24,7 @@ from ocljax import data, learners, metrics, models, precision, streams
 from ocljax.errors import ConfigError, unknown_choice
 from ocljax.run import driver, plots, probing, results
 from ocljax.run.checkpoint import Checkpointer, Interrupted
-from ocljax.run.progress import CompileClock, Progress
+from ocljax.run.progress import CompileClock, Progress, describe_phases
 from ocljax.streams.schedule import EVAL_TASK_END
 from ocljax.sweep import Member, devices_for, distributed
 
@@ -98,25 +98,20 @@ class Prepared:
     hparams: list
 
 
-def prepare_variant(variant: Variant, ds: data.Dataset, made: dict | None = None) -> Prepared:
+def prepare_variant(variant: Variant, ds: data.Dataset,
+                    compiler: driver.CompileOnce | None = None) -> Prepared:
     """Build the stream, model and learner of ``variant``; raises ``ConfigError`` for bad
-    settings before anything is compiled. ``made``: learners built for earlier variants of
-    the experiment (on the same ``ds``), by learner, config and model; a variant with the same
-    three gets the same ``Learner`` object, so that sweeps whose programs are the same trace
-    them once (``ocljax.run.driver.CompileOnce.memo``; e.g. finetune and finetune@iid)."""
+    settings before anything is compiled. ``compiler``: the experiment's ``CompileOnce`` (on
+    one ``ds``); variants with the same learner, config and model then get the same
+    ``Learner`` object (``driver.memo``), so that sweeps whose programs are the same trace
+    them once (e.g. finetune and finetune@iid)."""
     stream = streams.build(variant.stream, ds, [m.seed for m in variant.members])
     module = learners.get(variant.learner)
     learners.check_stream(variant.learner, variant.stream.task_free, variant.learner_config)
     learners.check_augment(variant.learner, variant.stream.kind, variant.learner_config)
-    key = (variant.learner, variant.learner_config, variant.model)
-    try:
-        learner = None if made is None else made.get(key)
-    except TypeError:  # a config that cannot be hashed: built on its own
-        key = learner = None
-    if learner is None:
-        learner = module.make(build_model(variant.model, ds), variant.learner_config)
-        if made is not None and key is not None:
-            made[key] = learner
+    learner = driver.memo(
+        compiler, ("learner", variant.learner, variant.learner_config, variant.model),
+        lambda: module.make(build_model(variant.model, ds), variant.learner_config))
     hps = [module.HParams(**m.hparams) for m in variant.members]
     return Prepared(variant, stream, learner, hps)
 
@@ -357,7 +352,7 @@ def time_summary(clock: CompileClock, ahead: CompileAhead | None, ran: list[Vari
     compile ahead, and compiling the others in turn, probes included); training (``run_s``)
     and the linear probes (``probe_s``) of the variants run; and the JAX compilation phases
     (``CompileClock``) summed over threads."""
-    waited = ahead.wait_s if ahead is not None and ahead.pool is not None else 0.0
+    waited = ahead.wait_s if ahead is not None else 0.0
     in_turn = sum(vr.result.extra.get("compile_wall_s", 0.0) for vr in ran)
     return {"wall_s": wall_s, "compile_s": waited + in_turn,
             "run_s": sum(vr.result.run_s for vr in ran),
@@ -368,17 +363,15 @@ def time_summary(clock: CompileClock, ahead: CompileAhead | None, ran: list[Vari
 def describe_time(timing: dict) -> str:
     """The line an experiment prints at its end: ``time_summary`` in words."""
     t = timing
-    hits = f" ({t['cache_hits']} from the cache)" if t["cache_hits"] else ""
-    return (f"time: {t['wall_s']:.1f} s; compiling {t['compile_s']:.1f} s ({t['traces']} "
-            f"traces {t['trace_s']:.1f} s, {t['lowerings']} lowerings {t['lower_s']:.1f} s, "
-            f"{t['xla_compiles']} XLA compiles{hits} {t['xla_s']:.1f} s, summed over "
-            f"threads); training {t['run_s']:.1f} s; linear probes {t['probe_s']:.1f} s")
+    return (f"time: {t['wall_s']:.1f} s; compiling {t['compile_s']:.1f} s "
+            f"({describe_phases(t)}, summed over threads); training {t['run_s']:.1f} s; "
+            f"linear probes {t['probe_s']:.1f} s")
 
 
 def run_config(name, dataset, ds, variants, outs, command, wall_s,
-               compilation: dict | None = None) -> dict:
+               timing: dict | None = None) -> dict:
     """``config.json``: every setting of every variant, devices, timings and versions;
-    ``compilation``: the experiment's ``time_summary``."""
+    ``timing``: the experiment's ``time_summary``."""
     return {
         "experiment": name, "command": command, "dataset": dataset,
         "dataset_source": ds.source,
@@ -395,7 +388,7 @@ def run_config(name, dataset, ds, variants, outs, command, wall_s,
                                       "compile": vr.result.extra.get("compile")}
                    for vr in outs},
         "wall_s": wall_s,
-        "time": compilation,
+        "time": timing,
         "complete": len(outs) == len(variants),
         "versions": versions(),
     }
@@ -626,8 +619,8 @@ def run_experiment(
     run_dir = results.RunDirectory(lead_out, overwrite or resume) if lead_out else None
     try:
         ds = data.load(dataset, data_dir)
-        made: dict = {}  # learners shared by variants that differ only in their stream
-        prepared = [prepare_variant(v, ds, made) for v in variants]
+        compiler = driver.CompileOnce()  # variants' programs (and learners) in common, once
+        prepared = [prepare_variant(v, ds, compiler) for v in variants]
         saver = None
         if root is not None:
             saver = Resumable(root, plan_fingerprint(name, dataset, variants, blocks_per_chunk,
@@ -650,7 +643,6 @@ def run_experiment(
         checkpointers = {i: saver.checkpointer(i) for i in range(len(prepared))} \
             if saver is not None else {}
         todo = [i for i in range(len(prepared)) if finished.get(i) is None]
-        compiler = driver.CompileOnce()  # variants' programs in common compile once
         ahead = CompileAhead(prepared, todo, ds, n_devices, blocks_per_chunk, checkpointers,
                              compile_mode, compile_workers, quiet, probe_per_class, compiler)
         for i, prep in enumerate(prepared):

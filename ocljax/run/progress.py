@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 import time
 
 
@@ -44,8 +45,6 @@ class CompileClock:
               "/jax/core/compile/backend_compile_duration": "xla"}
 
     def __init__(self):
-        import threading
-
         self.seconds = dict.fromkeys(("trace", "lower", "xla"), 0.0)
         self.counts = dict.fromkeys(("trace", "lower", "xla"), 0)
         self.cache_hits = 0
@@ -96,8 +95,13 @@ class CompileClock:
                 "cache_hits": self.cache_hits}
 
     def describe(self) -> str:
-        """One line: counts and seconds of each phase."""
-        s, n = self.seconds, self.counts
-        hits = f" ({self.cache_hits} from the cache)" if self.cache_hits else ""
-        return (f"{n['trace']} traces {s['trace']:.1f} s, {n['lower']} lowerings "
-                f"{s['lower']:.1f} s, {n['xla']} XLA compiles{hits} {s['xla']:.1f} s")
+        """One line: counts and seconds of each phase (``describe_phases``)."""
+        return describe_phases(self.summary())
+
+
+def describe_phases(summary: dict) -> str:
+    """A ``CompileClock.summary`` (or a dict holding its keys) in words."""
+    t = summary
+    hits = f" ({t['cache_hits']} from the cache)" if t["cache_hits"] else ""
+    return (f"{t['traces']} traces {t['trace_s']:.1f} s, {t['lowerings']} lowerings "
+            f"{t['lower_s']:.1f} s, {t['xla_compiles']} XLA compiles{hits} {t['xla_s']:.1f} s")
