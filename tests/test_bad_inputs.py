@@ -399,7 +399,7 @@ BAD_DATASETS = [
 ]
 
 
-@pytest.mark.parametrize("kind", ["split", "permuted"])
+@pytest.mark.parametrize("kind", ["split", "permuted", "rotated"])
 @pytest.mark.parametrize("case, pattern", BAD_DATASETS, ids=[c[0] for c in BAD_DATASETS])
 def test_stream_of_a_malformed_dataset(case, pattern, kind, tiny_ds):
     """``streams.build`` refuses a malformed dataset by name, rather than building a stream

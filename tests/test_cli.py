@@ -55,6 +55,28 @@ def test_seed_offsets_and_grid(tmp_path):
         np.testing.assert_allclose(member[key], single[key], atol=1e-6)
 
 
+
+def test_rotated_and_blurry_streams_from_the_command_line(tmp_path):
+    """``--stream rotated`` with blurry boundaries end to end: the settings reach config.json,
+    a member of a sweep equals its seed run alone, and ``NAME@split`` in the same experiment
+    gets the split stream with the same blur."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    flags = [*TINY, "--stream", "rotated", "--set", "blurry=0.2", "--set", "max_rotation=90"]
+    assert main([*flags, "--learner", "er,finetune@split", "--seeds", "2", "--out", str(a)],
+                prog="t") == 0
+    assert main([*flags, "--learner", "er", "--seed", "1", "--out", str(b)], prog="t") == 0
+    streams_of = {v["label"]: v["stream"]
+                  for v in json.loads((a / "config.json").read_text())["variants"]}
+    assert streams_of["er"]["kind"] == "rotated" and streams_of["finetune@split"]["kind"] == "split"
+    assert {s["blurry"] for s in streams_of.values()} == {0.2}
+    assert streams_of["er"]["max_rotation"] == 90
+    sweep = json.loads((a / "summary.json").read_text())["members"]
+    member = [m for m in sweep if m["variant"] == "er" and m["seed"] == 1][0]
+    single = json.loads((b / "summary.json").read_text())["members"][0]
+    for key in ("final_average_accuracy", "online_accuracy", "acc_matrix"):
+        np.testing.assert_allclose(member[key], single[key], atol=1e-6)
+
+
 BAD = [
     (["--learner", "nope"], "unknown learner 'nope'"),
     (["--dataset", "cifar1000"], "unknown dataset"),

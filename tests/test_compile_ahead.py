@@ -227,7 +227,9 @@ def test_an_iid_variant_shares_its_programs_and_numbers_with_a_run_alone(tmp_pat
     assert main([*args, "--learner", "finetune,finetune@iid", "--out", str(tmp_path / "both")],
                 prog="t") == 0
     # initialisation, chunk and probe are finetune's programs again
-    assert made[0].shared == 3 and made[0].compiled == 3
+    # (the message says what was compiled: this failed once, in one CI run, with shared == 1)
+    assert (len(made), made[0].shared, made[0].compiled) == (1, 3, 3), \
+        [(c.shared, c.compiled, [k[0][:8] for k in c._jobs]) for c in made]
     assert sorted(built) == ["probe", "program"]
     assert main([*args, "--learner", "finetune@iid", "--out", str(tmp_path / "alone")],
                 prog="t") == 0

@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -87,7 +89,10 @@ def test_valid_steps_are_a_prefix_of_every_block(kw):
 @pytest.mark.parametrize("kw, message", [
     ({"n_tasks": 3}, "cannot be split into 3"),
     ({"batch_size": 100}, "fewer than batch_size"),
-    ({"kind": "rotated"}, "unknown stream"),
+    ({"kind": "spiral"}, "unknown stream"),
+    ({"blurry": 1.0}, r"blurry must be in \[0, 1\)"),
+    ({"blurry": -0.1}, r"blurry must be in \[0, 1\)"),
+    ({"kind": "rotated", "max_rotation": 400}, r"max_rotation must be in \[0, 360\]"),
     ({"eval_every": -1}, "eval_every must be >= 0"),
     ({"class_order": "sorted"}, "class_order"),
     ({"eval_every": 10, "eval_dense_every": 4}, "multiple of eval_dense_every"),
@@ -134,3 +139,107 @@ def test_near_future_names_the_batch_s_ahead_on_fresh_steps_only():
     off = schedule.build([3, 2], passes=2, eval_every=0)
     assert (off.steps.future == -1).all()
     assert next(schedule.chunks(off, orders, 1)).future_idx is None
+
+
+@pytest.mark.parametrize("shape, mode", [((28, 28), "L"), ((32, 32, 3), "RGB"),
+                                         ((9, 12, 3), "RGB"), ((7, 5), "L")])
+def test_rotation_matches_pil_pixel_for_pixel(shape, mode):
+    """GEM's rotated MNIST was made with PIL's ``Image.rotate`` (nearest neighbour, zero fill):
+    the device-side gather map reproduces it exactly, grey and colour, odd and even sizes,
+    quarter turns (where samples fall on pixel edges) and random angles."""
+    from ocljax.streams.rotated import rotation_source
+
+    image = pytest.importorskip("PIL.Image")
+    rng = np.random.default_rng(0)
+    x = rng.integers(1, 256, shape, dtype=np.uint8)
+    for angle in [0.0, 45.0, 90.0, 135.0, 180.0, 270.0, -30.0, *rng.uniform(0, 360, 40)]:
+        ours = np.append(x.ravel(), 0)[rotation_source(shape, angle)].reshape(shape)
+        pil = np.asarray(image.fromarray(x, mode).rotate(angle))
+        np.testing.assert_array_equal(ours, pil, err_msg=f"angle {angle}")
+
+
+def test_rotation_by_quarter_turns_is_exact():
+    from ocljax.streams.rotated import rotation_source
+
+    x = np.arange(6 * 6 * 2).reshape(6, 6, 2)
+    turn = lambda a: np.append(x.ravel(), -1)[rotation_source(x.shape, a)].reshape(x.shape)  # noqa: E731
+    np.testing.assert_array_equal(turn(0), x)
+    np.testing.assert_array_equal(turn(90), np.rot90(x))  # counterclockwise
+    np.testing.assert_array_equal(turn(180), x[::-1, ::-1])
+    assert (turn(45) == -1).any() and not (turn(90) == -1).any()  # corners fall outside: zeros
+
+
+def test_rotated_stream_draws_growing_angles_per_seed(tiny_ds):
+    import jax.numpy as jnp
+
+    from ocljax.streams.rotated import rotation_source
+
+    cfg = streams.StreamConfig(kind="rotated", n_tasks=4, batch_size=4, samples_per_task=40,
+                               max_rotation=180)
+    st = streams.build(cfg, tiny_ds, [0, 1, 2])
+    assert st.task_batches == [10] * 4 and st.n_views == 4
+    angles = st.aux["angle"]  # [M, T]: task k's angle in [45 k, 45 (k + 1))
+    assert ((angles >= 45 * np.arange(4)) & (angles < 45 * np.arange(1, 5))).all()
+    assert not np.allclose(angles[0], angles[1])
+    alone = streams.build(cfg, tiny_ds, [1])  # a member's stream ignores the rest of the sweep
+    np.testing.assert_array_equal(alone.aux["angle"][0], angles[1])
+    np.testing.assert_array_equal(alone.orders[0], st.orders[1])
+    x = tiny_ds.train_x[:3]
+    aux = {k: jnp.asarray(v[0]) for k, v in st.aux.items()}
+    out = np.asarray(st.transform(aux, jnp.array([0, 2, 3]), jnp.asarray(x)))
+    for row, task in enumerate([0, 2, 3]):
+        want = np.append(x[row].ravel(), 0)[rotation_source(x.shape[1:], angles[0, task])]
+        np.testing.assert_array_equal(out[row].ravel(), want)
+    n = len(tiny_ds.train_y)
+    assert (st.orders[0, 10:20] // n == 1).all()  # task 1 trains under view 1
+    evals = np.asarray(st.eval_tasks(aux, 2, jnp.asarray(tiny_ds.test_y)))
+    assert (evals == 2).all()  # every test image counts towards the task of its view
+
+
+def _task_of_sample(st, ds):
+    """The (major) task each incoming sample belongs to, [n_batches * B] for member 0."""
+    return np.asarray(st.aux["task_of_class"][0])[ds.train_y[st.orders[0].ravel()]]
+
+
+def test_blurry_tasks_take_that_fraction_from_the_other_tasks(tiny_ds):
+    """Blurry-K: each task keeps its length and gives K% of its samples to the other tasks,
+    receiving as many; every sample is still used once, and the guests come from all the
+    other tasks and arrive throughout the task, not in a block."""
+    ds = tiny_ds._replace(train_x=np.repeat(tiny_ds.train_x, 5, 0),
+                          train_y=np.repeat(tiny_ds.train_y, 5, 0))  # 120 per class
+    base = streams.StreamConfig(kind="split", n_tasks=4, batch_size=4)
+    disjoint = streams.build(base, ds, [0])
+    blurry = streams.build(dataclasses.replace(base, blurry=0.25), ds, [0])
+    assert blurry.task_batches == disjoint.task_batches == [30] * 4
+    assert sorted(blurry.orders[0].ravel()) == sorted(disjoint.orders[0].ravel())
+    owner = _task_of_sample(blurry, ds).reshape(4, 120)  # [task segment, position]
+    assert (_task_of_sample(disjoint, ds).reshape(4, 120) == np.arange(4)[:, None]).all()
+    guests = owner != np.arange(4)[:, None]
+    assert (guests.sum(1) == 30).all()  # round(0.25 * 120) in every task
+    for k in range(4):
+        assert set(owner[k][guests[k]]) == set(range(4)) - {k}  # from every other task
+        assert guests[k, :60].any() and guests[k, 60:].any()  # spread through the task
+    again = streams.build(dataclasses.replace(base, blurry=0.25), ds, [5, 0])
+    np.testing.assert_array_equal(again.orders[1], blurry.orders[0])  # per seed only
+
+
+def test_blurry_boundaries_of_two_unequal_tasks_and_of_permuted_streams(tiny_ds):
+    # two tasks, the first larger: it cannot give more than the second gives back, the
+    # excess stays home, and every task keeps its length
+    ds = tiny_ds._replace(train_x=tiny_ds.train_x[8:], train_y=tiny_ds.train_y[8:])
+    ds = ds._replace(train_x=np.concatenate([tiny_ds.train_x[tiny_ds.train_y == 0][:8],
+                                             ds.train_x]),
+                     train_y=np.concatenate([np.zeros(8, tiny_ds.train_y.dtype), ds.train_y]))
+    cfg = streams.StreamConfig(kind="split", n_tasks=2, batch_size=4, blurry=0.5)
+    st = streams.build(cfg, ds, [0])
+    sizes = np.bincount(np.asarray(st.aux["task_of_class"][0])[ds.train_y], minlength=2)
+    assert st.task_batches == [sizes[0] // 4, sizes[1] // 4]
+    owner = _task_of_sample(st, ds)
+    first = owner[: st.task_batches[0] * 4]
+    assert (first == 1).sum() == round(0.5 * sizes[1])  # all the second task gave
+    # permuted: a task's segment holds samples under the other tasks' permutations
+    n = len(tiny_ds.train_y)
+    cfg = streams.StreamConfig(kind="permuted", n_tasks=3, batch_size=4, samples_per_task=40,
+                               blurry=0.1)
+    views = streams.build(cfg, tiny_ds, [0]).orders[0].reshape(3, 40) // n
+    assert ((views != np.arange(3)[:, None]).sum(1) == 4).all()

@@ -1,10 +1,11 @@
-"""Streams: class-incremental split, permuted (domain-incremental) and i.i.d. (upper bound)."""
+"""Streams: class-incremental split, permuted and rotated (domain-incremental), each also
+with blurry task boundaries, and i.i.d. (upper bound)."""
 
 from __future__ import annotations
 
 from ocljax.data.dataset import Dataset, validate
 from ocljax.errors import ConfigError
-from ocljax.streams import permuted, split
+from ocljax.streams import permuted, rotated, split
 from ocljax.streams.schedule import EVAL_CONTINUAL, EVAL_NONE, EVAL_TASK_END, Chunk, StepInfo
 from ocljax.streams.stream import KINDS, Stream, StreamConfig
 
@@ -22,6 +23,8 @@ def build(cfg: StreamConfig, ds: Dataset, seeds: list[int]) -> Stream:
         raise ConfigError("a stream needs at least one member: seeds is empty")
     if cfg.kind == "permuted":
         return permuted.build(cfg, ds, seeds)
+    if cfg.kind == "rotated":
+        return rotated.build(cfg, ds, seeds)
     return split.build(cfg, ds, seeds)
 
 

@@ -17,8 +17,8 @@ from ocljax.streams.stream import (
     Stream,
     StreamConfig,
     batches,
+    arrange_tasks,
     member_rng,
-    mix_tasks,
     stratified_subset,
 )
 
@@ -57,8 +57,8 @@ def task_sizes(cfg: StreamConfig, y: np.ndarray, num_classes: int) -> list[int]:
 
 
 def member_orders(cfg, ds: Dataset, orders: np.ndarray, seeds, sizes):
-    """Each member's incoming batches [M, n_batches, B]; ``cfg.iid`` mixes all tasks'
-    samples into one i.i.d. sequence (the joint upper bound), keeping the same length."""
+    """Each member's incoming batches [M, n_batches, B]; ``cfg.blurry`` and ``cfg.iid`` mix
+    the tasks' samples (``arrange_tasks``), keeping every task's length."""
     cpt = ds.num_classes // cfg.n_tasks
     out = []
     for seed, order in zip(seeds, orders, strict=True):
@@ -67,8 +67,7 @@ def member_orders(cfg, ds: Dataset, orders: np.ndarray, seeds, sizes):
         for k, size in enumerate(sizes):
             pool = np.flatnonzero(np.isin(ds.train_y, order[k * cpt:(k + 1) * cpt]))
             per_task.append(rng.permutation(pool)[:size])
-        if cfg.iid:
-            per_task = mix_tasks(per_task, rng)
+        per_task = arrange_tasks(cfg, per_task, rng)
         out.append(np.concatenate([batches(p, cfg.batch_size) for p in per_task]))
     return np.stack(out).astype(np.int32)
 

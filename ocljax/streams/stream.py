@@ -10,15 +10,15 @@ import numpy as np
 from ocljax.errors import ConfigError, unknown_choice
 from ocljax.streams import schedule as schedule_lib
 
-KINDS = ("split", "permuted")
+KINDS = ("split", "permuted", "rotated")
 
 
 @dataclass(frozen=True)
 class StreamConfig:
     """Static settings of a stream (changing them changes shapes, so recompiles).
 
-    kind: ``split`` (class-incremental) or ``permuted`` (domain-incremental, one random pixel
-        permutation per task).
+    kind: ``split`` (class-incremental), ``permuted`` (domain-incremental, one random pixel
+        permutation per task) or ``rotated`` (domain-incremental, one rotation angle per task).
     iid: shuffle all tasks' samples into one i.i.d. stream of the same length (the joint
         upper bound), evaluated on the same per-task test sets, with no task structure shown.
     n_tasks; batch_size: incoming samples per step; passes: how many consecutive steps train on
@@ -36,6 +36,10 @@ class StreamConfig:
         (near-future accuracy, Hammoud et al. 2023; 0: off, it costs one forward pass a step).
     blind_window: labels the input-blind baseline remembers (``ocljax.learners.blind``), tracked
         beside every run's online and near-future accuracy (0: not tracked).
+    blurry: fraction of every task's training samples exchanged with the other tasks (blurry
+        task boundaries, ``blur_tasks``; e.g. 0.1 is Blurry10; 0: disjoint tasks).
+    max_rotation: ``rotated`` streams: task ``k``'s angle is drawn uniformly in
+        ``[k, k + 1) * max_rotation / n_tasks`` degrees (``ocljax.streams.rotated``).
     """
 
     kind: str = "split"
@@ -53,6 +57,8 @@ class StreamConfig:
     eval_dense_window: int = 0
     near_future: int = 0
     blind_window: int = 50
+    blurry: float = 0.0
+    max_rotation: float = 180.0
 
     def check(self) -> None:
         """Raise ``ConfigError`` for unknown kinds and impossible sizes."""
@@ -67,6 +73,10 @@ class StreamConfig:
                      "eval_dense_every", "eval_dense_window", "near_future"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.blurry < 1:
+            raise ConfigError(f"blurry must be in [0, 1), got {self.blurry}")
+        if not 0 <= self.max_rotation <= 360:
+            raise ConfigError(f"max_rotation must be in [0, 360] degrees, got {self.max_rotation}")
         if self.blind_window < 0:
             raise ConfigError(f"blind_window must be >= 0, got {self.blind_window}")
         if self.eval_dense_every and self.eval_every % self.eval_dense_every:
@@ -140,6 +150,49 @@ def mix_tasks(per_task: list[np.ndarray], rng: np.random.Generator) -> list[np.n
     sizes = [len(p) for p in per_task]
     mixed = rng.permutation(np.concatenate(per_task))
     return np.split(mixed, np.cumsum(sizes)[:-1])
+
+
+def blur_tasks(per_task: list[np.ndarray], fraction: float,
+               rng: np.random.Generator) -> list[np.ndarray]:
+    """Blurry task boundaries: ``fraction`` of every task's samples move to the other tasks.
+
+    The blurry setup of Bang et al. 2021 ("Rainbow Memory", CVPR; in its Blurry-K each task
+    holds its own "major" classes plus K% of its samples from the other tasks' classes), also
+    the blurry part of Koh et al. 2022's i-Blurry (ICLR). Task ``k`` gives
+    ``round(fraction * len)`` of its samples (the last of its random order) and receives as many
+    from the other tasks: each given sample goes to a uniformly random *other* task, subject to
+    those counts. Every task is then reshuffled, so its guests arrive throughout it. Task
+    lengths, the samples used and the test sets are unchanged; a class still belongs to the task
+    it is major in. When one task gives more than all the others together (two tasks of
+    unequal size), the samples that cannot leave stay in their own task."""
+    sizes = np.array([len(p) for p in per_task])
+    give = np.rint(fraction * sizes).astype(int)
+    if len(per_task) < 2 or give.sum() == 0:
+        return per_task
+    src = np.repeat(np.arange(len(per_task)), give)  # donor task of each given sample
+    dst = rng.permutation(src)  # its receiving task: the same counts
+    for i in np.flatnonzero(src == dst):  # repair: move each sample that stays home
+        if src[i] != dst[i]:
+            continue  # already repaired by an earlier swap
+        ok = np.flatnonzero((dst != src[i]) & (src != src[i]))
+        if len(ok):
+            j = ok[rng.integers(len(ok))]
+            dst[i], dst[j] = dst[j], dst[i]
+    given = np.concatenate([p[len(p) - g:] for p, g in zip(per_task, give, strict=True)])
+    return [rng.permutation(np.concatenate([p[:len(p) - g], given[dst == k]]))
+            for k, (p, g) in enumerate(zip(per_task, give, strict=True))]
+
+
+def arrange_tasks(cfg: StreamConfig, per_task: list[np.ndarray],
+                  rng: np.random.Generator) -> list[np.ndarray]:
+    """Each task's training samples in arrival order after the stream's mixing: ``blurry``
+    exchanges that fraction of every task's samples with the other tasks (``blur_tasks``),
+    then ``iid`` shuffles all tasks together (``mix_tasks``)."""
+    if cfg.blurry:
+        per_task = blur_tasks(per_task, cfg.blurry, rng)
+    if cfg.iid:
+        per_task = mix_tasks(per_task, rng)
+    return per_task
 
 
 def batches(indices: np.ndarray, batch_size: int) -> np.ndarray:
