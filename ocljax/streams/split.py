@@ -16,8 +16,8 @@ from ocljax.errors import ConfigError
 from ocljax.streams.stream import (
     Stream,
     StreamConfig,
-    batches,
     arrange_tasks,
+    batches,
     member_rng,
     stratified_subset,
 )
