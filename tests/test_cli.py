@@ -70,6 +70,9 @@ def test_rotated_and_blurry_streams_from_the_command_line(tmp_path):
     assert streams_of["er"]["kind"] == "rotated" and streams_of["finetune@split"]["kind"] == "split"
     assert {s["blurry"] for s in streams_of.values()} == {0.2}
     assert streams_of["er"]["max_rotation"] == 90
+    angles = {m["variant"]: m.get("task_angles")
+              for m in json.loads((a / "members.json").read_text())}
+    assert angles["finetune@split"] is None and 0 <= angles["er"][0] < 45 <= angles["er"][1] < 90
     sweep = json.loads((a / "summary.json").read_text())["members"]
     member = [m for m in sweep if m["variant"] == "er" and m["seed"] == 1][0]
     single = json.loads((b / "summary.json").read_text())["members"][0]

@@ -228,6 +228,7 @@ def run_variant(
     result.final_state = None  # not kept past the probe (nor pickled for resume)
     result.extra["devices"] = sweep.mesh.devices.size
     result.extra["task_classes"] = prep.stream.task_classes
+    result.extra["member_info"] = prep.stream.member_info
     return VariantResult(variant, result, results.member_metrics(result))
 
 
@@ -267,7 +268,9 @@ def write_run(
         for m, (member, row) in enumerate(zip(vr.variant.members, vr.rows, strict=True)):
             info = {"member": index, "variant": vr.variant.label, "learner": vr.variant.learner,
                     "seed": member.seed, "hparams": member.hparams}
-            members.append({**info, "task_classes": vr.result.extra["task_classes"][m], **row})
+            more = vr.result.extra.get("member_info") or [{}] * len(vr.variant.members)
+            members.append({**info, "task_classes": vr.result.extra["task_classes"][m],
+                            **more[m], **row})
             index += 1
     summary_members = [
         {k: m[k] for k in ("member", "variant", "learner", "seed", "hparams", *results.METRICS,
@@ -279,7 +282,8 @@ def write_run(
     summary = {"complete": complete, "members": summary_members, "groups": groups}
     run_dir.write_json("config.json", config)
     run_dir.write_json("members.json", [
-        {k: m[k] for k in ("member", "variant", "learner", "seed", "hparams", "task_classes")}
+        {k: m[k] for k in ("member", "variant", "learner", "seed", "hparams", "task_classes",
+                           "task_angles") if k in m}
         for m in members
     ])
     run_dir.write_jsonl(eval_file(), evals)

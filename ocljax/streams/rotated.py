@@ -69,7 +69,8 @@ def transform(aux, views, x):
 
 def build(cfg: StreamConfig, ds: Dataset, seeds: list[int]) -> Stream:
     """The rotated stream of ``ds`` for members with the given seeds (``aux["angle"]`` [M, T]
-    holds each member's angles in degrees)."""
+    holds each member's angles in degrees; ``member_info`` has them as ``task_angles``, which
+    runs write to members.json)."""
     shape = ds.train_x.shape[1:]
 
     def views(seed: int):
@@ -77,4 +78,7 @@ def build(cfg: StreamConfig, ds: Dataset, seeds: list[int]) -> Stream:
         return {"source": np.stack([rotation_source(shape, a) for a in angles]),
                 "angle": angles.astype(np.float32)}
 
-    return permuted.view_stream(cfg, ds, seeds, views, transform)
+    stream = permuted.view_stream(cfg, ds, seeds, views, transform)
+    stream.member_info = [{"task_angles": [round(float(a), 4) for a in angles]}
+                          for angles in stream.aux["angle"]]
+    return stream

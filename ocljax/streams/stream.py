@@ -109,6 +109,7 @@ class Stream:
     eval_full: np.ndarray  # [Nf] int32 test indices for task-end evaluations
     eval_continual: np.ndarray  # [Nc] int32 test indices for continual evaluations
     task_classes: list[list[list[int]]] = field(default_factory=list)  # [M][task] classes
+    member_info: list[dict] = field(default_factory=list)  # [M] more of each member's stream
     schedule: schedule_lib.Schedule = None
 
     def __post_init__(self):
