@@ -2,11 +2,12 @@
 
     python -m experiments.rotated_mnist --data-dir ../shared/data
 
-The "MNIST rotations" protocol of Lopez-Paz & Ranzato 2017 (GEM, Sec. 5): 20 tasks of 1,000
+The stream of Lopez-Paz & Ranzato 2017's "MNIST rotations" (GEM, Sec. 5): 20 tasks of 1,000
 training samples, task k's images rotated by an angle drawn in [9k, 9(k + 1)) degrees (0 to
-180 over the stream; drawn per seed, `--set max_rotation=...`), tested on 2,000 test images
-per task under its rotation; MLP 784-256-256-10, batch 10, one pass, SGD lr 0.1, ER buffer
-500, 5 seeds, task-free.
+180 over the stream; drawn per seed, `--set max_rotation=...`), batch 10, one pass. The rest
+follows this library's other MNIST presets rather than GEM's (two hidden layers of 100 units,
+the whole test set per task): 2,000 test images per task under its rotation, MLP
+784-256-256-10, SGD lr 0.1, ER buffer 500, 5 seeds, task-free.
 """
 
 import sys

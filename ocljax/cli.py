@@ -50,9 +50,9 @@ def build_parser(prog: str, description: str, preset: dict) -> argparse.Argument
     """The argument parser, with the experiment's preset as defaults."""
     p = argparse.ArgumentParser(prog=prog, description=description,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--learner", help="comma-separated learners; NAME@split, NAME@permuted "
-                   "override the stream kind of one entry, NAME@iid trains it on the i.i.d. "
-                   "mixture of the stream (joint upper bound). Learners: "
+    p.add_argument("--learner", help="comma-separated learners; NAME@split, NAME@permuted, "
+                   "NAME@rotated override the stream kind of one entry, NAME@iid trains it on "
+                   "the i.i.d. mixture of the stream (joint upper bound). Learners: "
                    f"{', '.join(sorted(learners.REGISTRY))}")
     p.add_argument("--dataset",
                    help="digits | synthetic | mnist | fashion_mnist | cifar10 | cifar100")
@@ -216,10 +216,11 @@ def plan(args, preset: dict):
             cfg = module.Config(**cfg_kw)
         except TypeError as err:
             raise ConfigError(f"bad settings for {name}: {err}") from None
-        cfg, note = learners.fit_augment_to_stream(name, cfg, stream_cfg.kind,
-                                                   explicit="augment" in cfg_kw)
-        if note:
-            print(f"note: {note}", file=sys.stderr)
+        cfg, augment_note = learners.fit_augment_to_stream(name, cfg, stream_cfg.kind,
+                                                           explicit="augment" in cfg_kw)
+        for note in (augment_note, learners.stream_note(name, cfg, stream_cfg)):
+            if note:
+                print(f"note: {note}", file=sys.stderr)
         base = {**hp_fields, **hp_kw}
         if "model" in model_kw:
             model_kw["name"] = model_kw.pop("model")

@@ -60,6 +60,7 @@ from ocljax import report_data, report_html, report_plots
 from ocljax.errors import ConfigError, DataError, OCLError
 from ocljax.run import results, tensorboard
 from ocljax.run.results import METRICS, write_atomic
+from ocljax.streams.stream import fingerprint as stream_fingerprint
 from ocljax.units import human_bytes, human_flops, human_seconds
 
 # column -> (heading, higher is better)
@@ -168,13 +169,22 @@ def load_run(path: str | Path) -> list[Row]:
             n=g.get("n", 0), n_diverged=g.get("n_diverged", 0),
             stats={k: g.get(k) if isinstance(g.get(k), dict) else None for k in ALL_METRICS},
             run_dir=str(path), command=config.get("command", []), variant=g["variant"],
-            settings=json.dumps({k: x for k, x in v.items() if k != "n_members"},
-                                sort_keys=True) if v else "",
+            settings=json.dumps(_settings(v), sort_keys=True) if v else "",
         ))
     if not summary.get("complete", True):
         for r in rows:
             r.label += " (incomplete)"
     return rows
+
+
+def _settings(variant: dict) -> dict:
+    """A variant's configuration as pooling compares it: everything but the member count, the
+    stream's settings less those added since at their defaults (``streams.stream.fingerprint``:
+    a run made before ``blurry`` existed pools with a newer one)."""
+    out = {k: x for k, x in variant.items() if k != "n_members"}
+    if isinstance(out.get("stream"), dict):
+        out["stream"] = stream_fingerprint(out["stream"])
+    return out
 
 
 def pool(rows: list[Row], warn: Callable[[str], None] | None = None) -> list[Row]:

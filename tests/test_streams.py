@@ -93,6 +93,8 @@ def test_valid_steps_are_a_prefix_of_every_block(kw):
     ({"blurry": 1.0}, r"blurry must be in \[0, 1\)"),
     ({"blurry": -0.1}, r"blurry must be in \[0, 1\)"),
     ({"kind": "rotated", "max_rotation": 400}, r"max_rotation must be in \[0, 360\]"),
+    ({"blurry": 0.1, "n_tasks": 1}, "blurry=0.1 needs at least 2 tasks"),
+    ({"blurry": 0.01}, r"blurry=0.01 moves no sample: .* 48 samples .*; use blurry >= 0.01"),
     ({"eval_every": -1}, "eval_every must be >= 0"),
     ({"class_order": "sorted"}, "class_order"),
     ({"eval_every": 10, "eval_dense_every": 4}, "multiple of eval_dense_every"),
@@ -243,3 +245,36 @@ def test_blurry_boundaries_of_two_unequal_tasks_and_of_permuted_streams(tiny_ds)
                                blurry=0.1)
     views = streams.build(cfg, tiny_ds, [0]).orders[0].reshape(3, 40) // n
     assert ((views != np.arange(3)[:, None]).sum(1) == 4).all()
+
+
+def test_runs_made_before_blurry_and_rotated_streams_still_resume():
+    """The resume fingerprint leaves out stream settings added since, at their defaults, so
+    a run checkpointed before they existed matches; set, they are part of it."""
+    from ocljax.cli import build_parser, flag_defaults, plan
+    from ocljax.run.experiment import plan_fingerprint
+
+    def stream_of(*flags):
+        preset = flag_defaults({"seeds": 1, "seed": 0, "learner": "er", "dataset": "synthetic"})
+        args = build_parser("t", "", preset).parse_args(list(flags))
+        _, variants = plan(args, preset)
+        return plan_fingerprint("t", "synthetic", variants, None)["variants"][0]["stream"]
+
+    old = stream_of()
+    assert "blurry" not in old and "max_rotation" not in old and old["kind"] == "split"
+    assert stream_of("--set", "blurry=0.1") == {**old, "blurry": 0.1}
+    assert stream_of("--stream", "rotated", "--set", "max_rotation=90") == {
+        **old, "kind": "rotated", "max_rotation": 90.0}
+
+
+def test_blurry_leaves_the_iid_upper_bound_alone_and_works_with_random_class_orders(tiny_ds):
+    base = streams.StreamConfig(kind="split", n_tasks=2, batch_size=4, iid=True)
+    plain = streams.build(base, tiny_ds, [0, 1])
+    blurred = streams.build(dataclasses.replace(base, blurry=0.25), tiny_ds, [0, 1])
+    np.testing.assert_array_equal(plain.orders, blurred.orders)  # NAME@iid unchanged
+    cfg = streams.StreamConfig(kind="split", n_tasks=2, batch_size=4, class_order="random",
+                               blurry=0.25)
+    st = streams.build(cfg, tiny_ds, [0, 1, 2])
+    for m in range(3):  # each member's guests come from the classes of its other task
+        y = tiny_ds.train_y[st.orders[m]].reshape(2, -1)
+        task_of = np.asarray(st.aux["task_of_class"][m])
+        assert ((task_of[y] != np.arange(2)[:, None]).sum(1) == 12).all()

@@ -109,6 +109,13 @@ def check_augment(name: str, stream_kind: str, cfg: object = None) -> None:
             f"--set augment={augment_lib.without_spatial(spec)}")
 
 
+def stream_note(name: str, cfg, stream_cfg) -> str | None:
+    """A learner's warning about a stream it runs on but is not designed for (its module's
+    ``stream_note(cfg, stream_cfg)``; None when it has none or nothing to say)."""
+    note = getattr(get(name), "stream_note", None)
+    return None if note is None else note(cfg, stream_cfg)
+
+
 def fit_augment_to_stream(name: str, cfg, stream_kind: str, explicit: bool):
     """``(cfg, note)``: on a permuted stream a *default* ``augment`` spec that moves pixels is
     replaced by its pixel-free part (``note`` says so); an explicit one is refused

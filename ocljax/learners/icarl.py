@@ -41,7 +41,9 @@ Deviations (beyond the online setting):
   authors' code and Mammoth exclude picked samples).
 * The snapshot runs in evaluation mode (frozen BatchNorm statistics), as in Mammoth.
 * A class that is in the memory *and* in the current task is treated as old (distillation
-  target), as the paper's loss would.
+  target), as the paper's loss would. On streams whose classes recur across tasks (blurry
+  boundaries, permuted and rotated streams) most classes are then old after the first task,
+  and the command line says so (``stream_note``).
 
 Recommended (split MNIST, MLP 784-256-256-10, batch 10, one pass): ``buffer_size=1000``,
 ``replay_batch=10``, SGD ``lr=0.1``. Measured (``experiments.split_mnist --learner icarl,er
@@ -116,6 +118,22 @@ def requires_boundaries(cfg: Config) -> bool:
     """iCaRL snapshots its teacher and rebuilds its exemplars at task boundaries."""
     del cfg
     return True
+
+
+def stream_note(cfg: Config, stream) -> str | None:
+    """A warning for streams whose classes recur across tasks (``stream`` a ``StreamConfig``):
+    iCaRL's loss distils every output of a class seen before the last boundary, so where most
+    classes are seen in the first task (blurry boundaries, permuted and rotated streams) the
+    later tasks train mostly on distillation targets. Measured (``experiments.quickstart
+    --learner icarl,er --no-task-free --set buffer_size=100 --seeds 3``, then with ``--set
+    blurry=0.1``): final accuracy 0.824 -> 0.583 (ER 0.844 -> 0.842)."""
+    del cfg
+    if stream.kind == "split" and not stream.blurry:
+        return None
+    why = "blurry boundaries" if stream.kind == "split" else f"a {stream.kind} stream"
+    return (f"icarl on {why}: every class seen before a boundary is distilled, its own label "
+            "included (Rebuffi et al. 2017, Sec. 2.3), and here most classes are seen in the "
+            "first task, so later tasks learn mostly from distillation targets")
 
 
 def check_config(cfg: Config) -> None:

@@ -26,6 +26,7 @@ from ocljax.run import driver, plots, probing, results
 from ocljax.run.checkpoint import Checkpointer, Interrupted
 from ocljax.run.progress import CompileClock, Progress, describe_phases
 from ocljax.streams.schedule import EVAL_TASK_END
+from ocljax.streams.stream import fingerprint as stream_fingerprint
 from ocljax.sweep import Member, devices_for, distributed
 
 
@@ -429,7 +430,8 @@ def plan_fingerprint(name: str, dataset: str, variants: list[Variant],
         **extra,
         "experiment": name, "dataset": dataset, "blocks_per_chunk": blocks_per_chunk,
         "variants": [{
-            "label": v.label, "learner": v.learner, "stream": dataclasses.asdict(v.stream),
+            "label": v.label, "learner": v.learner,
+            "stream": stream_fingerprint(dataclasses.asdict(v.stream)),
             "learner_config": dataclasses.asdict(v.learner_config),
             "model": model_fingerprint(v.model),
             "members": [{"seed": m.seed, "hparams": m.hparams} for m in v.members],

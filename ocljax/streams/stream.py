@@ -75,6 +75,9 @@ class StreamConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.blurry < 1:
             raise ConfigError(f"blurry must be in [0, 1), got {self.blurry}")
+        if self.blurry and self.n_tasks < 2:
+            raise ConfigError(f"blurry={self.blurry:g} needs at least 2 tasks to mix, got "
+                              f"n_tasks={self.n_tasks}")
         if not 0 <= self.max_rotation <= 360:
             raise ConfigError(f"max_rotation must be in [0, 360] degrees, got {self.max_rotation}")
         if self.blind_window < 0:
@@ -84,6 +87,18 @@ class StreamConfig:
                               f"eval_dense_every ({self.eval_dense_every})")
         if self.eval_dense_window and not self.eval_dense_every:
             raise ConfigError("eval_dense_window needs eval_dense_every > 0")
+
+
+# settings added after runs and checkpoints existed: left out of a stream's fingerprint at
+# their defaults, so a run made before them still resumes and pools with newer runs
+LATER_FIELDS = ("blurry", "max_rotation")
+
+
+def fingerprint(settings: dict) -> dict:
+    """A stream's settings (``dataclasses.asdict`` of a ``StreamConfig``, or a run's
+    config.json entry) less the ``LATER_FIELDS`` that are at their defaults."""
+    return {k: v for k, v in settings.items()
+            if not (k in LATER_FIELDS and v == StreamConfig.__dataclass_fields__[k].default)}
 
 
 @dataclass
@@ -161,24 +176,30 @@ def blur_tasks(per_task: list[np.ndarray], fraction: float,
     holds its own "major" classes plus K% of its samples from the other tasks' classes), also
     the blurry part of Koh et al. 2022's i-Blurry (ICLR). Task ``k`` gives
     ``round(fraction * len)`` of its samples (the last of its random order) and receives as many
-    from the other tasks: each given sample goes to a uniformly random *other* task, subject to
-    those counts. Every task is then reshuffled, so its guests arrive throughout it. Task
-    lengths, the samples used and the test sets are unchanged; a class still belongs to the task
-    it is major in. When one task gives more than all the others together (two tasks of
-    unequal size), the samples that cannot leave stay in their own task."""
+    from the other tasks: each given sample goes to a random *other* task, subject to those
+    counts (uniformly over the other tasks when all tasks are of one size). Every task is then
+    reshuffled, so its guests arrive throughout it. Task lengths, the samples used and the test
+    sets are unchanged; a class still belongs to the task it is major in. When one task gives
+    more than all the others together (two tasks of unequal size), the samples that cannot
+    leave stay in their own task. ``ConfigError`` when no task gives a sample."""
     sizes = np.array([len(p) for p in per_task])
     give = np.rint(fraction * sizes).astype(int)
-    if len(per_task) < 2 or give.sum() == 0:
+    if len(per_task) < 2:
         return per_task
+    if give.sum() == 0:
+        raise ConfigError(
+            f"blurry={fraction:g} moves no sample: it is {fraction:g} x {sizes.max()} samples "
+            f"in the largest task, which rounds to 0; use blurry >= {0.5 / sizes.max():.2g}")
     src = np.repeat(np.arange(len(per_task)), give)  # donor task of each given sample
     dst = rng.permutation(src)  # its receiving task: the same counts
-    for i in np.flatnonzero(src == dst):  # repair: move each sample that stays home
-        if src[i] != dst[i]:
-            continue  # already repaired by an earlier swap
-        ok = np.flatnonzero((dst != src[i]) & (src != src[i]))
-        if len(ok):
-            j = ok[rng.integers(len(ok))]
-            dst[i], dst[j] = dst[j], dst[i]
+    for task in range(len(per_task)):  # repair: send the samples that stay home elsewhere
+        home = np.flatnonzero((src == task) & (dst == task))
+        # swap partners: a sample neither from nor bound for this task, so that neither of the
+        # two stays home after the swap (and no earlier repair is undone)
+        other = np.flatnonzero((src != task) & (dst != task))
+        n = min(len(home), len(other))  # short only when one task gives more than the rest
+        pick = rng.choice(other, n, replace=False)
+        dst[home[:n]], dst[pick] = dst[pick], dst[home[:n]]
     given = np.concatenate([p[len(p) - g:] for p, g in zip(per_task, give, strict=True)])
     return [rng.permutation(np.concatenate([p[:len(p) - g], given[dst == k]]))
             for k, (p, g) in enumerate(zip(per_task, give, strict=True))]
@@ -186,13 +207,14 @@ def blur_tasks(per_task: list[np.ndarray], fraction: float,
 
 def arrange_tasks(cfg: StreamConfig, per_task: list[np.ndarray],
                   rng: np.random.Generator) -> list[np.ndarray]:
-    """Each task's training samples in arrival order after the stream's mixing: ``blurry``
-    exchanges that fraction of every task's samples with the other tasks (``blur_tasks``),
-    then ``iid`` shuffles all tasks together (``mix_tasks``)."""
-    if cfg.blurry:
-        per_task = blur_tasks(per_task, cfg.blurry, rng)
+    """Each task's training samples in arrival order after the stream's mixing: ``iid``
+    shuffles all tasks together (``mix_tasks``), else ``blurry`` exchanges that fraction of
+    every task's samples with the other tasks (``blur_tasks``). An i.i.d. stream ignores
+    ``blurry``, so an experiment's ``NAME@iid`` upper bound is the same with or without it."""
     if cfg.iid:
-        per_task = mix_tasks(per_task, rng)
+        return mix_tasks(per_task, rng)
+    if cfg.blurry:
+        return blur_tasks(per_task, cfg.blurry, rng)
     return per_task
 
 
