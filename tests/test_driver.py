@@ -395,3 +395,39 @@ def test_running_a_compiled_sweep_compiles_nothing(tiny_ds):
                        n_devices=1)
     np.testing.assert_array_equal(res.online_accuracy, whole.online_accuracy)
     np.testing.assert_array_equal(res.blind_online_accuracy, whole.blind_online_accuracy)
+
+
+@pytest.mark.parametrize("members", [1, 2])
+def test_repeated_batches_score_online_and_near_future_on_fresh_steps_only(tiny_ds, members):
+    """With passes > 1 the evaluation-mode forwards behind online and near-future accuracy
+    run on a batch's first pass only (its repeats score nothing), with the numbers of the
+    training forward's own logits: counted with a host callback in ``predict``."""
+    module, learner = tiny_learner("er")
+    calls = []
+
+    def predict(state, x, hp):
+        if x.shape[0] == 3:  # the stream's batches, not the evaluations'
+            jax.debug.callback(lambda: calls.append(1))
+        return learner.predict(state, x, hp)
+
+    def update(state, batch, hp, key):  # no stream logits: the driver calls predict
+        new, metrics = learner.update(state, batch, hp, key)
+        return new, {k: v for k, v in metrics.items() if k != "stream_logits"}
+
+    counted = learner._replace(predict=predict, update=update)
+    cfg = streams.StreamConfig(kind="split", n_tasks=2, batch_size=3, passes=3, eval_every=0,
+                               near_future=2)
+    seeds = list(range(members))
+    stream = streams.build(cfg, tiny_ds, seeds)
+    hps = [module.HParams()] * members
+    got = driver.run(counted, stream, tiny_ds, hps, seeds, n_devices=1)
+    jax.effects_barrier()
+    batches = stream.orders.shape[1]
+    ahead = int((stream.schedule.steps.future >= 0).sum())
+    # one online forward per batch, one near-future forward per batch with one 2 ahead; under
+    # vmap a callback fires once per step for all members
+    assert len(calls) == batches + ahead
+    want = driver.run(learner, stream, tiny_ds, hps, seeds, n_devices=1)
+    np.testing.assert_array_equal(got.online_accuracy, want.online_accuracy)
+    np.testing.assert_array_equal(got.near_future_accuracy, want.near_future_accuracy)
+    np.testing.assert_array_equal(got.acc, want.acc)

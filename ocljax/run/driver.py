@@ -412,12 +412,14 @@ class ProgramSpec:
     n_tasks: int
     near_future: bool  # also score each step's model on a later batch
     blind_window: int  # labels the input-blind baseline remembers (0: not tracked)
+    repeats: bool = False  # batches train more than one step (passes > 1)
 
 
 def program_spec(stream: Stream) -> ProgramSpec:
     """The ``ProgramSpec`` of ``stream``."""
     return ProgramSpec(stream.transform, stream.eval_tasks, stream.n_views, stream.n_tasks,
-                       stream.cfg.near_future > 0, stream.cfg.blind_window)
+                       stream.cfg.near_future > 0, stream.cfg.blind_window,
+                       stream.cfg.passes > 1)
 
 
 def hides_tasks(stream: Stream) -> bool:
@@ -454,6 +456,15 @@ class Program:
                 view, sample = idx_s // n_pool, idx_s % n_pool  # virtual index -> view, sample
                 return spec.transform(aux, view, train_x[sample]), train_y[sample]
 
+            def on_fresh(hits, weight):
+                """``hits() * weight`` for a 0 / 1 ``weight``; where batches repeat (passes >
+                1), ``hits`` (a forward pass) runs only when ``weight`` is 1, not on the
+                repeats. A single pass keeps the plain product: no conditional per step."""
+                if not spec.repeats:
+                    return hits() * weight
+                return jax.lax.cond(weight > 0, lambda: hits().astype(jnp.int32),
+                                    lambda: jnp.zeros((), jnp.int32))
+
             def train_step(state, seen, info, idx_s, fidx_s):
                 """One valid step: the update, and the step's online tallies."""
                 x, y = fetch(idx_s)
@@ -462,16 +473,19 @@ class Program:
                 new, metrics = learner.update(state, batch, hp,
                                               jax.random.fold_in(step_key, info.t))
                 logits = metrics.get("stream_logits")
-                if logits is None:
-                    logits = learner.predict(state, x, hp)
                 zero = jnp.zeros((), jnp.int32)
+                if logits is None:  # a forward in evaluation mode, on fresh steps only
+                    hits = [on_fresh(lambda: (jnp.argmax(learner.predict(state, x, hp), -1)
+                                              == y).sum(), info.fresh), zero]
+                else:
+                    hits = [(jnp.argmax(logits, -1) == y).sum() * info.fresh, zero]
                 guess = blind.predict_labels(seen, num_classes, y.shape[0]) if track else None
-                hits = [(jnp.argmax(logits, -1) == y).sum() * info.fresh, zero,
-                        (guess == y).sum() * info.fresh if track else zero, zero]
+                hits += [(guess == y).sum() * info.fresh if track else zero, zero]
                 if near_future:  # the pre-update model on the batch S batches ahead
                     xf, yf = fetch(fidx_s)
-                    ahead = info.future >= 0
-                    hits[1] = (jnp.argmax(learner.predict(state, xf, hp), -1) == yf).sum() * ahead
+                    ahead = (info.future >= 0).astype(jnp.int32)  # fresh steps only
+                    hits[1] = on_fresh(lambda: (jnp.argmax(learner.predict(state, xf, hp), -1)
+                                                == yf).sum(), ahead)
                     if track:
                         hits[3] = (guess == yf).sum() * ahead
                 if track:
