@@ -12,18 +12,11 @@ the whole test set per task): 2,000 test images per task under its rotation, MLP
 
 import sys
 
+from experiments import permuted_mnist
 from ocljax.cli import main
 
-PRESET = {
-    "learner": "finetune,er,finetune@iid",
-    "dataset": "mnist",
-    "stream": "rotated",
-    "n_tasks": 20,
-    "seeds": 5,
-    "task_free": True,
-    "set": ["samples_per_task=1000", "test_per_task=2000", "eval_per_task=500",
-            "buffer_size=500", "lr=0.1", "batch_size=10", "eval_every=25", "near_future=10"],
-}
+# permuted MNIST's settings, on the rotated stream with GEM's 20 tasks
+PRESET = {**permuted_mnist.PRESET, "stream": "rotated", "n_tasks": 20}
 
 if __name__ == "__main__":
     sys.exit(main(prog="experiments.rotated_mnist", description=__doc__, preset=PRESET))
