@@ -278,3 +278,20 @@ def test_blurry_leaves_the_iid_upper_bound_alone_and_works_with_random_class_ord
         y = tiny_ds.train_y[st.orders[m]].reshape(2, -1)
         task_of = np.asarray(st.aux["task_of_class"][m])
         assert ((task_of[y] != np.arange(2)[:, None]).sum(1) == 12).all()
+
+
+def test_rotated_mnist_preset_runs(shared_data, tmp_path):
+    """experiments.rotated_mnist's preset on real MNIST, cut to a few small tasks."""
+    import json
+
+    from experiments.rotated_mnist import PRESET
+    from ocljax.cli import main
+
+    assert PRESET["stream"] == "rotated" and PRESET["n_tasks"] == 20
+    out = tmp_path / "run"
+    assert main(["--data-dir", str(shared_data), "--n-tasks", "3", "--seeds", "1",
+                 "--learner", "er", "--set", "samples_per_task=50", "--set", "test_per_task=50",
+                 "--set", "width=16", "--set", "depth=1", "--probe-per-class", "0", "--quiet",
+                 "--no-plots", "--out", str(out)], prog="t", preset=PRESET) == 0
+    (member,) = json.loads((out / "members.json").read_text())
+    assert len(member["task_angles"]) == 3 and member["task_angles"][2] >= 120
