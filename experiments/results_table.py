@@ -183,9 +183,10 @@ machine named at the end. Every row is 5 seeds; mean ± std over seeds.
 
 - **final acc**: average accuracy over all tasks after the last task; **anytime acc**: average
   over the stream of the accuracy on the tasks seen so far, each continual evaluation weighted
-  by the steps since the previous one (runs made before 2026-11-29, every row of this page as
-  it stood that day, took the plain mean of the evaluations, a few thousandths away on these
-  schedules, where only each task's last, shorter block weighs differently); **forgetting**: mean
+  by the steps since the previous one (runs made before 2026-11-29 took the plain mean of the
+  evaluations, a few thousandths away on these schedules, where only each task's last, shorter
+  block weighs differently: of this page, the anchor runs with 10 seeds and with other
+  settings, whose config.json is older); **forgetting**: mean
   over tasks but the last of (best accuracy on the task) − (final accuracy on it); **online
   acc**: test-then-train accuracy on the incoming batches. Definitions in `ocljax/metrics`.
 - Benchmarks (presets in `experiments/`): split MNIST and split Fashion-MNIST are 5 tasks of 2
