@@ -178,12 +178,19 @@ def load_run(path: str | Path) -> list[Row]:
 
 
 def _settings(variant: dict) -> dict:
-    """A variant's configuration as pooling compares it: everything but the member count, the
-    stream's settings less those added since at their defaults (``streams.stream.fingerprint``:
-    a run made before ``blurry`` existed pools with a newer one)."""
+    """A variant's configuration as pooling compares it: everything but the member count, and
+    the stream and model settings added since runs existed left out at their defaults (as the
+    resume fingerprint does: ``streams.stream.fingerprint``, ``experiment.LATER_MODEL_FIELDS``),
+    so a run made before them pools with a newer one."""
+    from ocljax.run.experiment import LATER_MODEL_FIELDS, ModelConfig
+
     out = {k: x for k, x in variant.items() if k != "n_members"}
     if isinstance(out.get("stream"), dict):
         out["stream"] = stream_fingerprint(out["stream"])
+    if isinstance(out.get("model"), dict):
+        defaults = {k: ModelConfig.__dataclass_fields__[k].default for k in LATER_MODEL_FIELDS}
+        out["model"] = {k: x for k, x in out["model"].items()
+                        if not (k in defaults and x == defaults[k])}
     return out
 
 

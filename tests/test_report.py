@@ -329,10 +329,12 @@ def test_pool_merges_separate_seed_runs_into_the_sweep_they_split(tmp_path, caps
     rows = report.pool([*report.load_run(first), *report.load_run(other_tasks)], said.append)
     assert len(rows) == 2 and not rows[0].pooled
     assert len(said) == 1 and "not pooled" in said[0] and "stream.samples_per_task" in said[0]
-    # a run made before streams had ``blurry`` and ``max_rotation`` pools with a newer one
+    # a run made before streams had ``blurry`` and ``max_rotation`` (and models ``init`` and
+    # ``input_norm``) pools with a newer one
     cfg = json.loads((second / "config.json").read_text())
     for v in cfg["variants"]:
         del v["stream"]["blurry"], v["stream"]["max_rotation"]
+        del v["model"]["init"], v["model"]["input_norm"]
     (second / "config.json").write_text(json.dumps(cfg))
     assert len(report.pool([*report.load_run(first), *report.load_run(second)])) == 1
     # a run whose config does not describe its variant is never pooled
