@@ -1,5 +1,6 @@
 """The chunked-scan driver: sweep parity, chunking, compile-once, sharding, task-free."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -398,10 +399,11 @@ def test_running_a_compiled_sweep_compiles_nothing(tiny_ds):
 
 
 @pytest.mark.parametrize("members", [1, 2])
-def test_repeated_batches_score_online_and_near_future_on_fresh_steps_only(tiny_ds, members):
+def test_repeated_batches_score_online_and_near_future_on_fresh_steps_only(tiny_ds, members,
+                                                                           monkeypatch):
     """With passes > 1 the evaluation-mode forwards behind online and near-future accuracy
-    run on a batch's first pass only (its repeats score nothing), with the numbers of the
-    training forward's own logits: counted with a host callback in ``predict``."""
+    run on a batch's first pass only (its repeats score nothing; counted with a host callback
+    in ``predict``), and the numbers are those of the program that ran them on every step."""
     module, learner = tiny_learner("er")
     calls = []
 
@@ -427,7 +429,13 @@ def test_repeated_batches_score_online_and_near_future_on_fresh_steps_only(tiny_
     # one online forward per batch, one near-future forward per batch with one 2 ahead; under
     # vmap a callback fires once per step for all members
     assert len(calls) == batches + ahead
-    want = driver.run(learner, stream, tiny_ds, hps, seeds, n_devices=1)
+    every_step = driver.program_spec
+    monkeypatch.setattr(driver, "program_spec",
+                        lambda st: dataclasses.replace(every_step(st), repeats=False))
+    calls.clear()
+    want = driver.run(counted, stream, tiny_ds, hps, seeds, n_devices=1)
+    jax.effects_barrier()
+    assert len(calls) == 2 * cfg.passes * batches  # the old program: both, on every step
     np.testing.assert_array_equal(got.online_accuracy, want.online_accuracy)
     np.testing.assert_array_equal(got.near_future_accuracy, want.near_future_accuracy)
     np.testing.assert_array_equal(got.acc, want.acc)

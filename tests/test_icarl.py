@@ -214,3 +214,16 @@ def test_refused_on_task_free_streams():
 def test_buffer_smaller_than_the_classes_is_refused():
     with pytest.raises(ConfigError, match="exemplar per class"):
         icarl.make(model(), icarl.Config(buffer_size=4, replay_batch=2))
+
+
+def test_icarl_warns_on_streams_whose_classes_recur_across_tasks():
+    from ocljax import learners, streams
+
+    def note(name="icarl", **kw):
+        return learners.stream_note(name, None, streams.StreamConfig(**kw))
+
+    assert note() is None  # disjoint class-incremental: what iCaRL is for
+    assert "blurry boundaries" in note(blurry=0.1)
+    assert "a rotated stream" in note(kind="rotated")
+    assert "a permuted stream" in note(kind="permuted")
+    assert note("er", blurry=0.1) is None  # learners without the hook say nothing

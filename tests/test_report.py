@@ -337,6 +337,10 @@ def test_pool_merges_separate_seed_runs_into_the_sweep_they_split(tmp_path, caps
         del v["model"]["init"], v["model"]["input_norm"]
     (second / "config.json").write_text(json.dumps(cfg))
     assert len(report.pool([*report.load_run(first), *report.load_run(second)])) == 1
+    # ... but a setting away from its default still keeps runs apart
+    assert report._settings({"stream": {"blurry": 0.1}}) != report._settings({"stream": {}})
+    assert report._settings({"stream": {"blurry": 0.0}}) == report._settings({"stream": {}})
+    assert report._settings({"model": {"init": "torch"}}) != report._settings({"model": {}})
     # a run whose config does not describe its variant is never pooled
     cfg = json.loads((second / "config.json").read_text())
     (second / "config.json").write_text(json.dumps({**cfg, "variants": []}))

@@ -94,7 +94,7 @@ def test_valid_steps_are_a_prefix_of_every_block(kw):
     ({"blurry": -0.1}, r"blurry must be in \[0, 1\)"),
     ({"kind": "rotated", "max_rotation": 400}, r"max_rotation must be in \[0, 360\]"),
     ({"blurry": 0.1, "n_tasks": 1}, "blurry=0.1 needs at least 2 tasks"),
-    ({"blurry": 0.01}, r"blurry=0.01 moves no sample: .* 48 samples .*; use blurry >= 0.01"),
+    ({"blurry": 0.01}, r"blurry=0.01 moves no sample: .* 48 samples .*; use blurry >= 0.021"),
     ({"eval_every": -1}, "eval_every must be >= 0"),
     ({"class_order": "sorted"}, "class_order"),
     ({"eval_every": 10, "eval_dense_every": 4}, "multiple of eval_dense_every"),
@@ -295,3 +295,19 @@ def test_rotated_mnist_preset_runs(shared_data, tmp_path):
                  "--no-plots", "--out", str(out)], prog="t", preset=PRESET) == 0
     (member,) = json.loads((out / "members.json").read_text())
     assert len(member["task_angles"]) == 3 and member["task_angles"][2] >= 120
+
+
+def test_a_blur_that_moves_nothing_is_refused():
+    from ocljax.streams.stream import blur_tasks
+
+    rng = np.random.default_rng(0)
+    per_task = [np.arange(100), np.arange(100, 104)]
+    # 0.1 x 4 rounds to 0: the large task gives 10 samples that have nowhere to go
+    with pytest.raises(ConfigError, match=r"only task\(s\) 0 give any \(tasks of \[100, 4\]"):
+        blur_tasks(per_task, 0.1, rng)
+    for size in (48, 272, 1000):  # the smallest blur the error suggests does move samples
+        with pytest.raises(ConfigError, match="use blurry >= ") as err:
+            blur_tasks([np.arange(size)] * 3, 0.1 / size, rng)
+        least = float(str(err.value).rsplit(">= ", 1)[1])
+        moved = blur_tasks([np.arange(size) + k * size for k in range(3)], least, rng)
+        assert any((m // size != k).any() for k, m in enumerate(moved))

@@ -460,6 +460,9 @@ class Resumable:
         self.created = not plan_file.exists()  # by this run: removed if it fails before work
         if plan_file.exists():
             saved = json.loads(plan_file.read_text())
+            for v in saved.get("variants", []) if isinstance(saved, dict) else []:
+                if isinstance(v, dict) and isinstance(v.get("stream"), dict):
+                    v["stream"] = stream_fingerprint(v["stream"])  # saved before it left them
             if saved != fingerprint:
                 diff = differences(saved, fingerprint)
                 shown = ", ".join(diff[:6]) + (f" and {len(diff) - 6} more" if len(diff) > 6

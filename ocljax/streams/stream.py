@@ -189,7 +189,7 @@ def blur_tasks(per_task: list[np.ndarray], fraction: float,
     if give.sum() == 0:
         raise ConfigError(
             f"blurry={fraction:g} moves no sample: it is {fraction:g} x {sizes.max()} samples "
-            f"in the largest task, which rounds to 0; use blurry >= {0.5 / sizes.max():.2g}")
+            f"in the largest task, which rounds to 0; use blurry >= {1 / sizes.max():.2g}")
     src = np.repeat(np.arange(len(per_task)), give)  # donor task of each given sample
     dst = rng.permutation(src)  # its receiving task: the same counts
     for task in range(len(per_task)):  # repair: send the samples that stay home elsewhere
@@ -200,6 +200,11 @@ def blur_tasks(per_task: list[np.ndarray], fraction: float,
         n = min(len(home), len(other))  # short only when one task gives more than the rest
         pick = rng.choice(other, n, replace=False)
         dst[home[:n]], dst[pick] = dst[pick], dst[home[:n]]
+    if not (src != dst).any():
+        raise ConfigError(
+            f"blurry={fraction:g} moves no sample: only task(s) "
+            f"{', '.join(map(str, np.flatnonzero(give)))} give any (tasks of {sizes.tolist()} "
+            "samples), and they have no other task to give them to; use a larger blurry")
     given = np.concatenate([p[len(p) - g:] for p, g in zip(per_task, give, strict=True)])
     return [rng.permutation(np.concatenate([p[:len(p) - g], given[dst == k]]))
             for k, (p, g) in enumerate(zip(per_task, give, strict=True))]
