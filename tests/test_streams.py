@@ -266,6 +266,22 @@ def test_runs_made_before_blurry_and_rotated_streams_still_resume():
         **old, "kind": "rotated", "max_rotation": 90.0}
 
 
+def test_a_plan_saved_with_the_new_stream_fields_at_their_defaults_resumes(tmp_path):
+    import json
+
+    from ocljax.run.experiment import Resumable
+
+    plan = {"variants": [{"label": "er", "stream": {"kind": "split", "n_tasks": 5}}]}
+    saved = {"variants": [{"label": "er", "stream": {"kind": "split", "n_tasks": 5,
+                                                       "blurry": 0.0, "max_rotation": 180.0}}]}
+    (tmp_path / "plan.json").write_text(json.dumps(saved))
+    Resumable(tmp_path, plan, 60.0, 1)  # accepted
+    saved["variants"][0]["stream"]["blurry"] = 0.1
+    (tmp_path / "plan.json").write_text(json.dumps(saved))
+    with pytest.raises(ConfigError, match=r"differs in: variants\[0\]\.stream\.blurry"):
+        Resumable(tmp_path, plan, 60.0, 1)
+
+
 def test_blurry_leaves_the_iid_upper_bound_alone_and_works_with_random_class_orders(tiny_ds):
     base = streams.StreamConfig(kind="split", n_tasks=2, batch_size=4, iid=True)
     plain = streams.build(base, tiny_ds, [0, 1])
