@@ -7,7 +7,8 @@ in ``[k, k + 1) * max_rotation / n_tasks`` degrees, so the angles grow over the 
 images turn counterclockwise about their centre with nearest-neighbour sampling and zero fill
 (what PIL's ``Image.rotate`` does by default; ``rotation_source`` matches it pixel for pixel).
 Angles are drawn per seed, like the permuted stream's permutations; every task is tested on the
-whole test set under its rotation (one evaluation view per task). A rotation is a fixed map of
+test set (``test_per_task`` images, all when 0) under its rotation (one evaluation view per
+task). A rotation is a fixed map of
 output pixels to input pixels, so it runs on the device as one gather, like a permutation.
 """
 
