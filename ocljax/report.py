@@ -60,7 +60,6 @@ from ocljax import report_data, report_html, report_plots
 from ocljax.errors import ConfigError, DataError, OCLError
 from ocljax.run import results, tensorboard
 from ocljax.run.results import METRICS, write_atomic
-from ocljax.streams.stream import fingerprint as stream_fingerprint
 from ocljax.units import human_bytes, human_flops, human_seconds
 
 # column -> (heading, higher is better)
@@ -179,18 +178,15 @@ def load_run(path: str | Path) -> list[Row]:
 
 def _settings(variant: dict) -> dict:
     """A variant's configuration as pooling compares it: everything but the member count, and
-    the stream and model settings added since runs existed left out at their defaults (as the
-    resume fingerprint does: ``streams.stream.fingerprint``, ``experiment.LATER_MODEL_FIELDS``),
-    so a run made before them pools with a newer one."""
-    from ocljax.run.experiment import LATER_MODEL_FIELDS, ModelConfig
+    the model and stream settings added since runs existed left out at their defaults, as
+    resume does (``experiment.settings_fingerprint``), so a run made before them pools with a
+    newer one."""
+    from ocljax.run.experiment import LATER_FIELDS, settings_fingerprint
 
     out = {k: x for k, x in variant.items() if k != "n_members"}
-    if isinstance(out.get("stream"), dict):
-        out["stream"] = stream_fingerprint(out["stream"])
-    if isinstance(out.get("model"), dict):
-        defaults = {k: ModelConfig.__dataclass_fields__[k].default for k in LATER_MODEL_FIELDS}
-        out["model"] = {k: x for k, x in out["model"].items()
-                        if not (k in defaults and x == defaults[k])}
+    for section in LATER_FIELDS:
+        if isinstance(out.get(section), dict):
+            out[section] = settings_fingerprint(section, out[section])
     return out
 
 

@@ -456,6 +456,9 @@ class Program:
                 view, sample = idx_s // n_pool, idx_s % n_pool  # virtual index -> view, sample
                 return spec.transform(aux, view, train_x[sample]), train_y[sample]
 
+            def correct(logits, labels):
+                return (jnp.argmax(logits, -1) == labels).sum()
+
             def on_fresh(hits, weight):
                 """``hits() * weight`` for a 0 / 1 ``weight``; where batches repeat (passes >
                 1), ``hits`` (a forward pass) runs only when ``weight`` is 1, not on the
@@ -475,17 +478,17 @@ class Program:
                 logits = metrics.get("stream_logits")
                 zero = jnp.zeros((), jnp.int32)
                 if logits is None:  # a forward in evaluation mode, on fresh steps only
-                    hits = [on_fresh(lambda: (jnp.argmax(learner.predict(state, x, hp), -1)
-                                              == y).sum(), info.fresh), zero]
+                    online = on_fresh(lambda: correct(learner.predict(state, x, hp), y),
+                                      info.fresh)
                 else:
-                    hits = [(jnp.argmax(logits, -1) == y).sum() * info.fresh, zero]
+                    online = correct(logits, y) * info.fresh
                 guess = blind.predict_labels(seen, num_classes, y.shape[0]) if track else None
-                hits += [(guess == y).sum() * info.fresh if track else zero, zero]
+                hits = [online, zero, (guess == y).sum() * info.fresh if track else zero, zero]
                 if near_future:  # the pre-update model on the batch S batches ahead
                     xf, yf = fetch(fidx_s)
                     ahead = (info.future >= 0).astype(jnp.int32)  # fresh steps only
-                    hits[1] = on_fresh(lambda: (jnp.argmax(learner.predict(state, xf, hp), -1)
-                                                == yf).sum(), ahead)
+                    hits[1] = on_fresh(lambda: correct(learner.predict(state, xf, hp), yf),
+                                       ahead)
                     if track:
                         hits[3] = (guess == yf).sum() * ahead
                 if track:

@@ -26,7 +26,6 @@ from ocljax.run import driver, plots, probing, results
 from ocljax.run.checkpoint import Checkpointer, Interrupted
 from ocljax.run.progress import CompileClock, Progress, describe_phases
 from ocljax.streams.schedule import EVAL_TASK_END
-from ocljax.streams.stream import fingerprint as stream_fingerprint
 from ocljax.sweep import Member, devices_for, distributed
 
 
@@ -263,15 +262,16 @@ def write_run(
     complete: bool = True,
 ) -> dict:
     """Write config, members, evaluations, summaries and plots; returns the summary."""
-    members, index = [], 0
+    members, described, index = [], [], 0  # described: members.json, who each member is
     evals = eval_records(outs)
     for vr in outs:
+        stream_info = vr.result.extra.get("member_info") or [{}] * len(vr.variant.members)
         for m, (member, row) in enumerate(zip(vr.variant.members, vr.rows, strict=True)):
-            info = {"member": index, "variant": vr.variant.label, "learner": vr.variant.learner,
-                    "seed": member.seed, "hparams": member.hparams}
-            more = vr.result.extra.get("member_info") or [{}] * len(vr.variant.members)
-            members.append({**info, "task_classes": vr.result.extra["task_classes"][m],
-                            **more[m], **row})
+            described.append({
+                "member": index, "variant": vr.variant.label, "learner": vr.variant.learner,
+                "seed": member.seed, "hparams": member.hparams,
+                "task_classes": vr.result.extra["task_classes"][m], **stream_info[m]})
+            members.append({**described[-1], **row})
             index += 1
     summary_members = [
         {k: m[k] for k in ("member", "variant", "learner", "seed", "hparams", *results.METRICS,
@@ -282,11 +282,7 @@ def write_run(
     groups = results.group_summary(summary_members)
     summary = {"complete": complete, "members": summary_members, "groups": groups}
     run_dir.write_json("config.json", config)
-    run_dir.write_json("members.json", [
-        {k: m[k] for k in ("member", "variant", "learner", "seed", "hparams", "task_classes",
-                           "task_angles") if k in m}
-        for m in members
-    ])
+    run_dir.write_json("members.json", described)
     run_dir.write_jsonl(eval_file(), evals)
     run_dir.write_json("summary.json", summary)
     run_dir.write_text("summary.csv", results.summary_csv(groups))
@@ -407,18 +403,24 @@ def checkpoint_root(out: str | Path) -> Path:
     return out.parent / f".{out.name}.ckpt"
 
 
-# model settings added after checkpoints existed: left out of the fingerprint at their default,
-# so a run interrupted before they existed still resumes
-LATER_MODEL_FIELDS = ("input_norm", "init")
+# settings added after runs and checkpoints existed, per section of a variant: left out of
+# the resume fingerprint and of pooling's comparison at their defaults, so a run made before
+# they existed still resumes and pools with newer runs
+LATER_FIELDS = {"model": (ModelConfig, ("input_norm", "init")),
+                "stream": (streams.StreamConfig, ("blurry", "max_rotation"))}
+
+
+def settings_fingerprint(section: str, settings: dict) -> dict:
+    """A variant's ``model`` or ``stream`` settings (``dataclasses.asdict`` of its config, or
+    a run's config.json / plan.json entry) less the ``LATER_FIELDS`` at their defaults."""
+    config, later = LATER_FIELDS[section]
+    return {k: v for k, v in settings.items()
+            if not (k in later and v == config.__dataclass_fields__[k].default)}
 
 
 def model_fingerprint(model: ModelConfig) -> dict:
-    """The model settings a resumed run must match (see ``LATER_MODEL_FIELDS``)."""
-    out = dataclasses.asdict(model)
-    for key in LATER_MODEL_FIELDS:
-        if out[key] == ModelConfig.__dataclass_fields__[key].default:
-            del out[key]
-    return out
+    """The model settings a resumed run must match (``settings_fingerprint``)."""
+    return settings_fingerprint("model", dataclasses.asdict(model))
 
 
 def plan_fingerprint(name: str, dataset: str, variants: list[Variant],
@@ -431,7 +433,7 @@ def plan_fingerprint(name: str, dataset: str, variants: list[Variant],
         "experiment": name, "dataset": dataset, "blocks_per_chunk": blocks_per_chunk,
         "variants": [{
             "label": v.label, "learner": v.learner,
-            "stream": stream_fingerprint(dataclasses.asdict(v.stream)),
+            "stream": settings_fingerprint("stream", dataclasses.asdict(v.stream)),
             "learner_config": dataclasses.asdict(v.learner_config),
             "model": model_fingerprint(v.model),
             "members": [{"seed": m.seed, "hparams": m.hparams} for m in v.members],
@@ -462,7 +464,8 @@ class Resumable:
             saved = json.loads(plan_file.read_text())
             for v in saved.get("variants", []) if isinstance(saved, dict) else []:
                 if isinstance(v, dict) and isinstance(v.get("stream"), dict):
-                    v["stream"] = stream_fingerprint(v["stream"])  # saved before it left them
+                    # saved before the fingerprint left the stream's later settings out
+                    v["stream"] = settings_fingerprint("stream", v["stream"])
             if saved != fingerprint:
                 diff = differences(saved, fingerprint)
                 shown = ", ".join(diff[:6]) + (f" and {len(diff) - 6} more" if len(diff) > 6

@@ -89,18 +89,6 @@ class StreamConfig:
             raise ConfigError("eval_dense_window needs eval_dense_every > 0")
 
 
-# settings added after runs and checkpoints existed: left out of a stream's fingerprint at
-# their defaults, so a run made before them still resumes and pools with newer runs
-LATER_FIELDS = ("blurry", "max_rotation")
-
-
-def fingerprint(settings: dict) -> dict:
-    """A stream's settings (``dataclasses.asdict`` of a ``StreamConfig``, or a run's
-    config.json entry) less the ``LATER_FIELDS`` that are at their defaults."""
-    return {k: v for k, v in settings.items()
-            if not (k in LATER_FIELDS and v == StreamConfig.__dataclass_fields__[k].default)}
-
-
 @dataclass
 class Stream:
     """Host-side description of a stream for ``M`` members.
