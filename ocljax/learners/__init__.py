@@ -28,6 +28,7 @@ LEARNERS: dict[str, tuple[str, str]] = {
     "der": ("der", "dark experience replay: logit matching (Buzzega et al. 2020)"),
     "derpp": ("der", "DER++: logit matching plus label replay (Buzzega et al. 2020)"),
     "mir": ("mir", "maximally interfered retrieval (Aljundi et al. 2019)"),
+    "aser": ("aser", "adversarial Shapley value retrieval and update (Shim et al. 2021)"),
     "gdumb": ("gdumb", "greedy balanced memory, retrain at evaluation (Prabhu et al. 2020)"),
     "agem": ("agem", "averaged gradient episodic memory (Chaudhry et al. 2019)"),
     "gss": ("gss", "gradient-based sample selection, greedy (Aljundi et al. 2019)"),
