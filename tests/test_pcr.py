@@ -60,9 +60,10 @@ def test_masked_rows_are_neither_anchors_nor_counted():
 
 
 def test_proxies_of_classes_absent_from_the_batch_get_no_gradient():
-    """The property PCR is built on (Lin et al. 2023, Sec. 3-4): a softmax over all proxies
-    pushes every absent (old) class's proxy away from the new samples; PCR's contrast set holds
-    only the batch's classes, so absent proxies are left as they are."""
+    """The property PCR is built on (Lin et al. 2023, its analysis of the two replay manners):
+    a softmax over all proxies pushes every absent (old) class's proxy away from the new
+    samples; PCR's contrast set holds only the batch's classes, so absent proxies are left as
+    they are."""
     rng = np.random.default_rng(2)
     feats = jnp.asarray(rng.normal(size=(6, 5)), jnp.float32)
     proxies = jnp.asarray(rng.normal(size=(4, 5)), jnp.float32)

@@ -2,12 +2,12 @@
 (classifier weights) of the classes in the training batch, counted once per sample.
 
 Lin et al. 2023, "PCR: Proxy-based Contrastive Replay for Online Class-Incremental Continual
-Learning" (CVPR 2023, arXiv:2304.04408), Sec. 4 (the proposed method), checked against the
-authors' code (``FelixHuiweiLin/PCR``: ``agents/pcr.py``, ``utils/loss.py: SupConLoss`` in
-its ``contrast_mode='proxy'``, ``models/resnet.py: cosLinear``). The paper's analysis (Sec. 3)
-contrasts two ways to replay: a softmax over *all* class proxies (biased toward new classes,
-because every old-class proxy is pushed away by every new sample) and a contrastive loss over
-the samples of the batch (unstable with few samples). PCR keeps the anchor-to-proxy
+Learning" (CVPR 2023, arXiv:2304.04408): the PCR loss of its method section, checked against
+the authors' code (``FelixHuiweiLin/PCR``: ``agents/pcr.py``, ``utils/loss.py: SupConLoss`` in
+its ``contrast_mode='proxy'``, ``models/resnet.py: cosLinear``). The paper's analysis contrasts
+two ways to replay: a softmax over *all* class proxies (biased toward new classes, because
+every old-class proxy is pushed away by every new sample) and a contrastive loss over the
+samples of the batch (unstable with few samples). PCR keeps the anchor-to-proxy
 similarities of the first and picks them as the second picks its pairs: anchor i is contrasted
 with the proxy of each sample j of the same batch. Each step:
 
