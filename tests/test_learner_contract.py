@@ -7,6 +7,7 @@ import pytest
 from conftest import tiny_learner
 
 from ocljax import learners
+from ocljax.learners import er
 from ocljax.types import Batch
 
 NAMES = sorted(learners.REGISTRY)
@@ -42,6 +43,29 @@ def swept_hparams(module):
 
 def step_of(stack, i):
     return jax.tree.map(lambda a: a[i], stack)
+
+
+def step_with_replay(module, model, cfg, hp):
+    """For the two-view replay learners (SCR, PCR): three steps of ``batches()``, then a
+    fourth with key 11 whose replayed rows all exist. Returns ``(state before the fourth step,
+    its metrics, x [B + R, ...], y [B + R])``: the incoming rows and the rows ER's read draws
+    with the keys the learner splits from 11 (write, read, augmentation)."""
+    learner = module.make(model, cfg)
+    bs = batches()
+    update = jax.jit(learner.update)
+    state = learner.init(jax.random.PRNGKey(0), bs.x[0], hp)
+    for i in range(3):
+        state, _ = update(state, step_of(bs, i), hp, jax.random.PRNGKey(i))
+    key = jax.random.PRNGKey(11)
+    _, metrics = update(state, step_of(bs, 3), hp, key)
+    k_write, k_read, _ = jax.random.split(key, 3)
+    stream = {"x": bs.x[3], "y": bs.y[3]}
+    flushed = er.flush(state, k_write)
+    replay, mask = er.replay_rows(flushed.buffer, k_read, cfg.replay_batch, stream)
+    assert bool(mask.all())  # 2 B rows stored, R replayed
+    x = np.concatenate([np.asarray(bs.x[3]), np.asarray(replay["x"])])
+    y = np.concatenate([np.asarray(bs.y[3]), np.asarray(replay["y"])])
+    return state, metrics, x, y
 
 
 def run_loop(learner, hp, key, bs):

@@ -6,11 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from test_learner_contract import B, batches, step_of
+from test_learner_contract import B, batches, step_of, step_with_replay
 
 from ocljax import models
 from ocljax.errors import ConfigError
-from ocljax.learners import er, pcr
+from ocljax.learners import pcr
 
 
 def tiny_model():
@@ -87,21 +87,8 @@ def test_loss_is_over_stream_and_replayed_rows_in_two_views(monkeypatch):
     monkeypatch.setattr(pcr.aug, "augment", lambda key, x, spec: 255 - x)
     model = tiny_model()
     cfg = pcr.Config(buffer_size=8, replay_batch=3, augment="crop1")
-    learner = pcr.make(model, cfg)
-    hp, bs = pcr.HParams(temperature=0.3), batches()
-    update = jax.jit(learner.update)
-    state = learner.init(jax.random.PRNGKey(0), bs.x[0], hp)
-    for i in range(3):
-        state, _ = update(state, step_of(bs, i), hp, jax.random.PRNGKey(i))
-    key = jax.random.PRNGKey(11)
-    _, metrics = update(state, step_of(bs, 3), hp, key)
-    k_write, k_read, _ = jax.random.split(key, 3)
-    stream = {"x": bs.x[3], "y": bs.y[3]}
-    flushed = er.flush(state, k_write)
-    replay, mask = er.replay_rows(flushed.buffer, k_read, cfg.replay_batch, stream)
-    assert bool(mask.all())
-    x = np.concatenate([np.asarray(bs.x[3]), np.asarray(replay["x"])])
-    y = np.tile(np.concatenate([np.asarray(bs.y[3]), np.asarray(replay["y"])]), 2)
+    state, metrics, x, y = step_with_replay(pcr, model, cfg, pcr.HParams(temperature=0.3))
+    y = np.tile(y, 2)
     params = state.net.params
     _, feats, _ = model.apply(params["net"], {}, jnp.asarray(np.concatenate([x, 255 - x])), True)
     expected = proxy_supcon_reference(np.asarray(feats), np.asarray(params["proxies"]), y, 0.3)

@@ -6,11 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import tiny_learner
-from test_learner_contract import B, batches, step_of
+from test_learner_contract import B, batches, step_of, step_with_replay
 
 from ocljax import augment, models
 from ocljax.errors import ConfigError
-from ocljax.learners import er, scr
+from ocljax.learners import scr
 from ocljax.memory import reservoir
 
 
@@ -115,21 +115,7 @@ def test_replayed_rows_and_their_views_enter_the_supcon_loss(monkeypatch):
     monkeypatch.setattr(scr.aug, "augment", lambda key, x, spec: 255 - x)
     model = tiny_model()
     cfg = scr.Config(buffer_size=8, replay_batch=3, augment="crop1")
-    learner = scr.make(model, cfg)
-    hp, bs = scr.HParams(temperature=0.3), batches()
-    update = jax.jit(learner.update)
-    state = learner.init(jax.random.PRNGKey(0), bs.x[0], hp)
-    for i in range(3):
-        state, _ = update(state, step_of(bs, i), hp, jax.random.PRNGKey(i))
-    key = jax.random.PRNGKey(11)
-    _, metrics = update(state, step_of(bs, 3), hp, key)
-    k_write, k_read, _ = jax.random.split(key, 3)
-    stream = {"x": bs.x[3], "y": bs.y[3]}
-    flushed = er.flush(state, k_write)
-    replay, mask = er.replay_rows(flushed.buffer, k_read, cfg.replay_batch, stream)
-    assert bool(mask.all())  # 2 B rows stored, 3 replayed
-    x = np.concatenate([np.asarray(bs.x[3]), np.asarray(replay["x"])])
-    y = np.concatenate([np.asarray(bs.y[3]), np.asarray(replay["y"])])
+    state, metrics, x, y = step_with_replay(scr, model, cfg, scr.HParams(temperature=0.3))
     params = state.net.params
     _, feats, _ = model.apply(params["net"], {}, jnp.asarray(np.concatenate([x, 255 - x])), True)
     z = numpy_projection(params["head"], feats)

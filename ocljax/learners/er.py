@@ -128,13 +128,34 @@ def replay_step(model: Model, cfg, net: NetState, stream: dict, replay: dict, re
 
 def init_state(model: Model, cfg: Config, key, x, hp) -> State:
     """Fresh network, empty buffer and nothing pending; ``x`` [B, ...] is an example batch."""
+    return state_around(cfg, init_net(model, cfg.optimizer, key, x, hp.lr), x)
+
+
+def state_around(cfg, net: NetState, x) -> State:
+    """An ER state holding ``net`` (any parameter pytree: learners that train more than the
+    model, e.g. a head or proxies, pass their own), an empty buffer of ``cfg.buffer_size``
+    rows shaped like the example batch ``x`` [B, ...], and nothing pending."""
     example = {"x": x, "y": jnp.zeros((x.shape[0],), jnp.int32)}
     return State(
-        net=init_net(model, cfg.optimizer, key, x, hp.lr),
+        net=net,
         buffer=reservoir.init(cfg.buffer_size, example),
         pending=jax.tree.map(jnp.zeros_like, example),
         pending_valid=jnp.zeros((x.shape[0],), bool),
     )
+
+
+def combined_rows(state, batch: Batch, k_write, k_read, n_replay: int):
+    """Write the pending batch (at a fresh step) and draw ``n_replay`` rows to replay with the
+    incoming ones: ``(state, stream, x, y, valid)``, ``x`` and ``y`` the incoming rows followed
+    by the replayed ones, ``valid`` [B + n_replay] False for replay rows that do not exist yet.
+    ``k_write`` and ``k_read`` are the write's and the read's keys."""
+    state = flush(state, k_write, batch.fresh)
+    stream = {"x": batch.x, "y": batch.y}
+    replay, replay_mask = replay_rows(state.buffer, k_read, n_replay, stream)
+    x = jnp.concatenate([batch.x, replay["x"]])
+    y = jnp.concatenate([batch.y, replay["y"]])
+    valid = jnp.concatenate([jnp.ones_like(batch.y, bool), replay_mask])
+    return state, stream, x, y, valid
 
 
 def flush(state: State, key, when=True) -> State:

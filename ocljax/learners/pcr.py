@@ -67,8 +67,7 @@ from ocljax import augment as aug
 from ocljax import optim
 from ocljax.learners import er
 from ocljax.learners.er_ncm import normalise
-from ocljax.learners.supervised import NetState, gradient_step, online_logits
-from ocljax.memory import reservoir
+from ocljax.learners.supervised import NetState, backbone_features, gradient_step, online_logits
 from ocljax.types import Array, Batch, Learner, Model, identity_prepare_eval
 
 __all__ = ["Config", "HParams", "State", "check_config", "cosine_logits", "init_proxies",
@@ -135,34 +134,22 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
     check_config(cfg)
     C, F = model.num_classes, model.feature_dim
 
-    def features(params, model_state, x, train: bool):
-        _, feats, model_state = model.apply(params["net"], model_state, x, train)
-        return feats, model_state
+    features = backbone_features(model)
 
     def init(key, x, hp: HParams) -> State:
         params, model_state = model.init(key, x)  # same network as er's for the same key
         params = {"net": params, "proxies": init_proxies(jax.random.fold_in(key, 1), F, C)}
         net = NetState(params, model_state, optim.build(cfg.optimizer, hp.lr).init(params))
-        example = {"x": x, "y": jnp.zeros((x.shape[0],), jnp.int32)}
-        return State(
-            net=net,
-            buffer=reservoir.init(cfg.buffer_size, example),
-            pending=jax.tree.map(jnp.zeros_like, example),
-            pending_valid=jnp.zeros((x.shape[0],), bool),
-        )
+        return er.state_around(cfg, net, x)
 
     def update(state: State, batch: Batch, hp: HParams, key):
         """Write the pending batch, replay, one PCR step on (stream + replay) x 2 views."""
         k_write, k_read, k_aug = jax.random.split(key, 3)
-        state = er.flush(state, k_write, batch.fresh)
-        stream = {"x": batch.x, "y": batch.y}
-        replay, replay_mask = er.replay_rows(state.buffer, k_read, cfg.replay_batch, stream)
-        x = jnp.concatenate([batch.x, replay["x"]])
-        y = jnp.concatenate([batch.y, replay["y"]])
-        valid = jnp.concatenate([jnp.ones_like(batch.y, bool), replay_mask])
+        state, stream, x, y, valid = er.combined_rows(state, batch, k_write, k_read,
+                                                      cfg.replay_batch)
         views = jnp.concatenate([x, aug.augment(k_aug, x, cfg.augment)])
         n_stream = batch.y.shape[0]
-        train = replay_mask.any()  # the authors' code steps only once the memory has rows
+        train = valid[n_stream:].any()  # the authors' code steps only once the memory has rows
 
         def loss_fn(params, model_state):
             feats, model_state = features(params, model_state, views, True)

@@ -75,7 +75,7 @@ from ocljax import optim
 from ocljax.errors import ConfigError
 from ocljax.learners import er
 from ocljax.learners.er_ncm import class_means, nearest_mean_logits, normalise
-from ocljax.learners.supervised import NetState, gradient_step
+from ocljax.learners.supervised import NetState, backbone_features, gradient_step
 from ocljax.memory import reservoir
 from ocljax.types import Array, Batch, Learner, Model
 
@@ -167,9 +167,7 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
     check_config(cfg)
     C, F = model.num_classes, model.feature_dim
 
-    def features(params, model_state, x, train: bool):
-        _, feats, model_state = model.apply(params["net"], model_state, x, train)
-        return feats, model_state
+    features = backbone_features(model)
 
     def memory_means(net: NetState, buffer: reservoir.ReservoirState):
         """Exact class means of the memory's features (evaluation mode)."""
@@ -181,12 +179,8 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
         params, model_state = model.init(key, x)  # same network as er's for the same key
         params = {"net": params, "head": init_head(jax.random.fold_in(key, 1), F, cfg.proj_dim)}
         net = NetState(params, model_state, optim.build(cfg.optimizer, hp.lr).init(params))
-        example = {"x": x, "y": jnp.zeros((x.shape[0],), jnp.int32)}
         return State(
-            net=net,
-            buffer=reservoir.init(cfg.buffer_size, example),
-            pending=jax.tree.map(jnp.zeros_like, example),
-            pending_valid=jnp.zeros((x.shape[0],), bool),
+            **er.state_around(cfg, net, x)._asdict(),
             means=jnp.zeros((C, F), jnp.float32),
             has_mean=jnp.zeros((C,), bool),
             prepared=jnp.zeros((), bool),
@@ -195,12 +189,8 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
     def update(state: State, batch: Batch, hp: HParams, key):
         """Write the pending batch, replay, one SupCon step on (stream + replay) x 2 views."""
         k_write, k_read, k_aug = jax.random.split(key, 3)
-        state = er.flush(state, k_write, batch.fresh)
-        stream = {"x": batch.x, "y": batch.y}
-        replay, replay_mask = er.replay_rows(state.buffer, k_read, cfg.replay_batch, stream)
-        x = jnp.concatenate([batch.x, replay["x"]])
-        y = jnp.concatenate([batch.y, replay["y"]])
-        valid = jnp.concatenate([jnp.ones_like(batch.y, bool), replay_mask])
+        state, stream, x, y, valid = er.combined_rows(state, batch, k_write, k_read,
+                                                      cfg.replay_batch)
         n, n_stream = y.shape[0], batch.y.shape[0]
         if cfg.augment_both:
             k1, k2 = jax.random.split(k_aug)
@@ -226,7 +216,7 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
         net, loss, plain_or_view = gradient_step(cfg.optimizer, state.net, loss_fn, hp.lr)
         if not embed:
             plain = plain_or_view
-        means, has_mean = class_means(plain[n_stream:], replay["y"], replay_mask, C)
+        means, has_mean = class_means(plain[n_stream:], y[n_stream:], valid[n_stream:], C)
         stream_logits = nearest_mean_logits(plain[:n_stream], means, has_mean)
         keep = lambda new, old: jnp.where(batch.fresh, new, old)  # noqa: E731
         state = state._replace(

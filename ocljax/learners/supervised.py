@@ -122,6 +122,18 @@ def net_features(model: Model) -> Callable[..., Array]:
     return features
 
 
+def backbone_features(model: Model) -> Callable[..., tuple[Array, PyTree]]:
+    """``features(params, model_state, x, train) -> (features [N, F], model_state)`` for a
+    learner whose parameters are ``{"net": model parameters, ...}``, the model trained beside
+    parameters of the method's own (SCR's projection head, PCR's proxies)."""
+
+    def features(params, model_state, x: Array, train: bool):
+        _, feats, model_state = model.apply(params["net"], model_state, x, train)
+        return feats, model_state
+
+    return features
+
+
 def net_learner(model: Model, init: Callable[..., PyTree], update: Callable, hparams) -> Learner:
     """The ``Learner`` of a method whose state is a ``NetState`` or holds one as ``state.net``
     and that evaluates that network as it is: the method's own ``init`` and ``update``, with
