@@ -218,7 +218,8 @@ def plan(args, preset: dict):
             raise ConfigError(f"bad settings for {name}: {err}") from None
         cfg, augment_note = learners.fit_augment_to_stream(name, cfg, stream_cfg.kind,
                                                            explicit="augment" in cfg_kw)
-        for note in (augment_note, learners.stream_note(name, cfg, stream_cfg)):
+        cfg, fit_note = learners.fit_to_stream(name, cfg, stream_cfg, set(cfg_kw))
+        for note in (augment_note, fit_note, learners.stream_note(name, cfg, stream_cfg)):
             if note:
                 print(f"note: {note}", file=sys.stderr)
         base = {**hp_fields, **hp_kw}

@@ -30,6 +30,7 @@ LEARNERS: dict[str, tuple[str, str]] = {
     "mir": ("mir", "maximally interfered retrieval (Aljundi et al. 2019)"),
     "aser": ("aser", "adversarial Shapley value retrieval and update (Shim et al. 2021)"),
     "gdumb": ("gdumb", "greedy balanced memory, retrain at evaluation (Prabhu et al. 2020)"),
+    "gem": ("gem", "gradient episodic memory, QP projection (Lopez-Paz & Ranzato 2017)"),
     "agem": ("agem", "averaged gradient episodic memory (Chaudhry et al. 2019)"),
     "gss": ("gss", "gradient-based sample selection, greedy (Aljundi et al. 2019)"),
     "rar": ("rar", "retrospective adversarial replay (Kumari et al. 2022)"),
@@ -118,6 +119,14 @@ def stream_note(name: str, cfg, stream_cfg) -> str | None:
     return None if note is None else note(cfg, stream_cfg)
 
 
+def fit_to_stream(name: str, cfg, stream_cfg, explicit: set[str]):
+    """``(cfg, note)``: a learner's settings that default to a property of the stream it runs
+    on (its module's ``fit_to_stream(cfg, stream_cfg, explicit)``, given the keys the user set
+    explicitly, which it leaves alone); ``note`` says what changed, None when nothing did."""
+    fit = getattr(get(name), "fit_to_stream", None)
+    return (cfg, None) if fit is None else fit(cfg, stream_cfg, explicit)
+
+
 def fit_augment_to_stream(name: str, cfg, stream_kind: str, explicit: bool):
     """``(cfg, note)``: on a permuted stream a *default* ``augment`` spec that moves pixels is
     replaced by its pixel-free part (``note`` says so); an explicit one is refused
@@ -142,4 +151,4 @@ def __getattr__(attr: str) -> ModuleType:
 
 
 __all__ = ["LEARNERS", "REGISTRY", "check_augment", "check_stream", "config_fields",
-           "fit_augment_to_stream", "get", "hparam_fields"]
+           "fit_augment_to_stream", "fit_to_stream", "get", "hparam_fields"]

@@ -1,0 +1,215 @@
+"""Gradient Episodic Memory (GEM).
+
+Lopez-Paz & Ranzato 2017, "Gradient Episodic Memory for Continual Learning" (NeurIPS 2017),
+Sec. 3, Eq. 6-13, checked against the authors' code (``facebookresearch/GradientEpisodicMemory``,
+``model/gem.py``: ``observe``, ``project2cone2``). An episodic memory keeps the last
+``patterns_per_task`` rows of every task. Each step computes the gradient ``g_k`` of the
+cross-entropy on the whole memory of every *completed* task k and the gradient ``g`` on the
+incoming batch. If some ``g . g_k < 0`` (the step would increase a past task's memory loss,
+Eq. 6-7), ``g`` is replaced by the closest vector (in L2) that has a non-negative inner product
+with every ``g_k`` (Eq. 8-9). With G the [t, P] matrix of the ``g_k``, the dual (Eq. 10-11) is
+the small quadratic program
+
+    min_v  1/2 v' (G G' + eps I) v + (G g)' v   subject to  v >= gamma,       g~ = G' v + g
+
+over t <= ``max_tasks`` variables. ``gamma`` (``memory_strength``, 0.5) is the paper's "small
+constant added to v*" that biases the projection toward positive backward transfer, which the
+code, like this module, implements as the bound ``v >= gamma``; ``eps`` 1e-3 is the code's
+ridge on G G'. ``g~`` is applied with the configured optimizer (the code's plain SGD).
+
+The QP is solved by a primal-dual active-set method (``solve_dual``): each iteration fixes the
+variables whose multiplier exceeds their slack at the bound and solves the others' linear
+system; with t variables it stops in at most a few iterations in practice. ``qp_iters`` bounds
+the count (static, so it runs inside ``lax.scan`` and ``vmap``); a final clip keeps v feasible.
+
+From the KKT conditions, the projected gradient has ``g_k . g~ = mu_k - eps v_k`` with
+``mu_k >= 0``: non-negative up to the ridge's ``eps v_k``, which is what the tests check.
+
+Memory: task k's rows live in region k (``patterns_per_task`` rows); the current task's batches
+are written into its region as a ring (the code's ``mem_cnt``: once full, the oldest row is
+overwritten), one step late as in ``er`` (only completed tasks are read, so the delay changes
+nothing), and the region is closed at the next boundary (``agem.close_task``). Tasks beyond
+``max_tasks`` are not stored. GEM needs the stream's task boundaries.
+
+Cost: every step back-propagates through ``max_tasks * patterns_per_task`` memory rows (the
+regions of tasks not completed yet are masked, but have fixed shapes under ``vmap``): set
+``max_tasks`` to the stream's number of tasks (the command line does so unless it is set).
+
+Deviations from the authors' code:
+
+- The memory forwards use the model's state as it is and do not update BatchNorm statistics
+  (the code's models have no BatchNorm).
+- The code solves the QP with ``quadprog`` (an exact dual active-set method) in float64 on
+  the host; here it is solved on the device in float32.
+- Single-head: the code masks the outputs of other tasks only in its task-incremental CIFAR
+  setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from ocljax import optim
+from ocljax.errors import ConfigError
+from ocljax.learners import agem, er
+from ocljax.learners.supervised import apply_gradients, net_learner, online_logits
+from ocljax.losses import cross_entropy
+from ocljax.memory import reservoir
+from ocljax.types import Array, Batch, Learner, Model, PyTree
+
+__all__ = ["Config", "HParams", "State", "TASK_FREE_HINT", "check_config", "fit_to_stream", "gram",
+           "make", "project", "requires_boundaries", "solve_dual"]
+
+TASK_FREE_HINT = "use agem (task-free reservoir memory) or er"
+
+
+@dataclass(frozen=True)
+class Config:
+    patterns_per_task: int = 256  # rows kept per task (the paper's MNIST setting)
+    max_tasks: int = 20  # tasks kept; set it to the stream's number of tasks
+    memory_strength: float = 0.5  # gamma: lower bound of the dual variables
+    eps: float = 1e-3  # ridge added to G G'
+    qp_iters: int = 20  # active-set iterations of the dual solver
+    optimizer: str = "sgd"
+
+
+class HParams(NamedTuple):
+    lr: float = 0.1
+
+
+State = agem.State  # n_tasks: completed tasks; task_rows: rows stored per completed task
+
+
+def requires_boundaries(cfg: Config) -> bool:
+    """GEM's memory is per task: it always needs the task boundaries."""
+    del cfg
+    return True
+
+
+def fit_to_stream(cfg: Config, stream_cfg, explicit: set[str]):
+    """On the command line ``max_tasks`` defaults to the stream's number of tasks (every
+    step back-propagates through ``max_tasks`` memory regions, used or not); an explicit
+    ``--set max_tasks=N`` is kept. Returns ``(cfg, note or None)``."""
+    n = getattr(stream_cfg, "n_tasks", None)
+    if "max_tasks" in explicit or n is None or n == cfg.max_tasks:
+        return cfg, None
+    return dataclasses.replace(cfg, max_tasks=n), (
+        f"gem: max_tasks {cfg.max_tasks} -> {n}, the stream's number of tasks")
+
+
+def check_config(cfg: Config) -> None:
+    """Raise ``ConfigError`` for impossible sizes and solver settings."""
+    if cfg.patterns_per_task < 1:
+        raise ConfigError(f"patterns_per_task must be >= 1, got {cfg.patterns_per_task}")
+    if cfg.max_tasks < 1:
+        raise ConfigError(f"max_tasks must be >= 1, got {cfg.max_tasks}")
+    if cfg.memory_strength < 0:
+        raise ConfigError(f"memory_strength must be >= 0, got {cfg.memory_strength}")
+    if cfg.eps <= 0:
+        raise ConfigError(f"eps must be > 0 (it keeps G G' invertible), got {cfg.eps}")
+    if cfg.qp_iters < 1:
+        raise ConfigError(f"qp_iters must be >= 1, got {cfg.qp_iters}")
+    optim.check(cfg.optimizer)
+
+
+def gram(gs: PyTree, g: PyTree) -> tuple[Array, Array]:
+    """``(G G' [t, t], G g [t])`` for task gradients ``gs`` (leaves [t, ...]) and the gradient
+    ``g``, summed leaf by leaf (no raveled vector; see ``ocljax.tree_math``)."""
+    flat = [(a.reshape(a.shape[0], -1), b.reshape(-1))
+            for a, b in zip(jax.tree.leaves(gs), jax.tree.leaves(g), strict=True)]
+    gg = sum(a @ a.T for a, _ in flat)
+    gv = sum(a @ b for a, b in flat)
+    return gg, gv
+
+
+def solve_dual(gg: Array, gv: Array, active: Array, gamma, eps, iters: int) -> Array:
+    """The dual of GEM's projection: ``argmin_v 1/2 v'(gg + eps I)v + gv'v`` subject to
+    ``v >= gamma`` on ``active`` [t] variables (the others are 0). Primal-dual active set on
+    ``w = v - gamma >= 0``: ``bound`` holds the variables at their bound; ``iters`` rounds."""
+    t = gv.shape[0]
+    eye = jnp.eye(t, dtype=gg.dtype)
+    both = active[:, None] & active[None, :]
+    p = jnp.where(both, gg + eps * eye, 0.0)
+    c = gv + p @ jnp.where(active, gamma, 0.0)  # gradient of the objective at w = 0
+
+    def solve(bound):
+        free = active & ~bound
+        k = jnp.where(free[:, None] & free[None, :], p, 0.0) + jnp.where(free, 0.0, 1.0) * eye
+        return jnp.where(free, jnp.linalg.solve(k, jnp.where(free, -c, 0.0)), 0.0)
+
+    def step(_, bound):
+        w = solve(bound)
+        mult = jnp.where(active, p @ w + c, 0.0)  # multipliers of the bounds
+        return active & (mult > w)
+
+    bound = jax.lax.fori_loop(0, iters, step, jnp.zeros((t,), bool))
+    w = jnp.maximum(solve(bound), 0.0)
+    return jnp.where(active, w + gamma, 0.0)
+
+
+def project(gs: PyTree, g: PyTree, active: Array, gamma, eps, iters: int) -> PyTree:
+    """GEM's projected gradient: ``g`` unchanged unless ``g . g_k < 0`` for an ``active`` task
+    k; then ``G' v + g`` with ``v`` from ``solve_dual``."""
+    gg, gv = gram(gs, g)
+    violated = (active & (gv < 0)).any()
+    v = solve_dual(gg, gv, active, gamma, eps, iters)
+    v = jnp.where(violated, v, 0.0)
+    return jax.tree.map(lambda a, b: b + jnp.tensordot(v, a, axes=1).astype(b.dtype), gs, g)
+
+
+def flush_ring(cfg: Config, state: State, when=True) -> State:
+    """Write the pending rows into the current task's region as a ring (the oldest row is
+    overwritten once the region is full); dropped once ``max_tasks`` tasks are stored."""
+    P, cap = cfg.patterns_per_task, cfg.max_tasks * cfg.patterns_per_task
+    write = state.pending_valid & when
+    position = state.buffer.n_seen + jnp.cumsum(write.astype(jnp.int32)) - 1
+    row = jnp.where(write & (state.n_tasks < cfg.max_tasks),
+                    state.n_tasks * P + position % P, cap)
+    data = jax.tree.map(lambda buf, new: buf.at[row].set(new, mode="drop"),
+                        state.buffer.data, state.pending)
+    buffer = reservoir.ReservoirState(data, state.buffer.n_seen + write.sum(dtype=jnp.int32))
+    return state._replace(buffer=buffer, pending_valid=state.pending_valid & ~write)
+
+
+def update_state(model: Model, cfg: Config, state: State, batch: Batch, hp, key):
+    """One GEM step: write the pending batch (closing a task at a boundary), the gradient of
+    every completed task's memory and of the incoming batch, the projection, the step."""
+    del key
+    acfg = agem.Config(memory="per_task", patterns_per_task=cfg.patterns_per_task,
+                       max_tasks=cfg.max_tasks)
+    state = agem.close_task(acfg, flush_ring(cfg, state, batch.fresh), batch.boundary)
+    net, P = state.net, cfg.patterns_per_task
+
+    def loss_fn(params, x, y, mask):
+        logits, _, model_state = model.apply(params, net.model_state, x, True)
+        return cross_entropy(logits, y, mask), (logits, model_state)
+
+    grad = jax.grad(lambda p, x, y, m: loss_fn(p, x, y, m)[0])
+    memory = jax.tree.map(lambda a: a.reshape(cfg.max_tasks, P, *a.shape[1:]),
+                          state.buffer.data)
+    rows = jnp.arange(P)[None, :] < state.task_rows[:, None]  # [T, P]
+    gs = jax.vmap(grad, in_axes=(None, 0, 0, 0))(net.params, memory["x"], memory["y"], rows)
+    active = jnp.arange(cfg.max_tasks) < state.n_tasks
+    (loss, (logits, model_state)), g = jax.value_and_grad(loss_fn, has_aux=True)(
+        net.params, batch.x, batch.y, None)
+    g = project(gs, g, active, cfg.memory_strength, cfg.eps, cfg.qp_iters)
+    net = apply_gradients(cfg.optimizer, net._replace(model_state=model_state), g, hp.lr)
+    state = er.hold(state._replace(net=net), {"x": batch.x, "y": batch.y}, batch.fresh)
+    return state, {"loss": loss, "stream_logits": online_logits(net, logits)}
+
+
+def make(model: Model, cfg: Config | None = None) -> Learner:
+    """GEM learner for ``model``: per-task ring memory, QP-projected gradients."""
+    cfg = cfg or Config()
+    check_config(cfg)
+    acfg = agem.Config(memory="per_task", patterns_per_task=cfg.patterns_per_task,
+                       max_tasks=cfg.max_tasks, mem_batch=max(cfg.max_tasks, 1),
+                       optimizer=cfg.optimizer)
+    return net_learner(model, partial(agem.init_state, model, acfg),
+                       partial(update_state, model, cfg), HParams())
