@@ -149,10 +149,13 @@ def write_reference(cfg, num_classes, mx, my, nx, ny, threshold, ev, cand):
     return out_x, out_y
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_memory_update_when_full_is_the_authors_shapley_replacement(seed):
-    cfg = aser.Config(buffer_size=10, replay_batch=2, k=2, n_smp_cls=1.5)
-    mx, my = points(10 + seed, 10, 3)
+@pytest.mark.parametrize("seed,cap", [(0, 10), (1, 10), (2, 10), (3, 10), (4, 7), (5, 5)])
+def test_memory_update_when_full_is_the_authors_shapley_replacement(seed, cap):
+    """Against the authors' update written as loops, given the same draws. Memories of 7 and
+    5 rows have fewer than ``int(1.5 * 4)`` = 6 rows outside the evaluation set: every one of
+    them is a candidate (the code's ``min(num_retrieve, len(valid))``)."""
+    cfg = aser.Config(buffer_size=cap, replay_batch=2, k=2, n_smp_cls=1.5)
+    mx, my = points(10 + seed, cap, 3)
     nx, ny = points(20 + seed, 4, 4)  # class 3 is new: a minority class
     buf = full_buffer(mx, my)
     key = jax.random.PRNGKey(seed)
@@ -160,16 +163,17 @@ def test_memory_update_when_full_is_the_authors_shapley_replacement(seed):
                      jnp.ones(4, bool), key)
     _, k_threshold, k_eval, k_cand = jax.random.split(key, 4)
     threshold = float(jax.random.uniform(k_threshold, (), maxval=1.0 / 4))
-    ev, emask = aser.class_balanced_indices(k_eval, buf.data["y"], jnp.ones(10, bool), 4, 1)
-    taken = np.zeros(10, bool)
+    ev, emask = aser.class_balanced_indices(k_eval, buf.data["y"], jnp.ones(cap, bool), 4, 1)
+    taken = np.zeros(cap, bool)
     taken[np.asarray(ev)[np.asarray(emask)]] = True
-    cand, cmask = aser.random_indices(k_cand, jnp.asarray(~taken), int(1.5 * 4))
-    assert bool(cmask.all())
+    cand, cmask = aser.random_indices(k_cand, jnp.asarray(~taken), min(6, cap))
+    assert int(cmask.sum()) == min(6, cap - taken.sum())
     ex, ey_ = write_reference(cfg, 4, mx, my, nx, ny, threshold,
-                              np.asarray(ev)[np.asarray(emask)], np.asarray(cand))
+                              np.asarray(ev)[np.asarray(emask)],
+                              np.asarray(cand)[np.asarray(cmask)])
     np.testing.assert_array_equal(np.asarray(new.data["y"]), ey_)
     np.testing.assert_array_equal(np.asarray(new.data["x"]), ex)
-    assert int(new.n_seen) == 14
+    assert int(new.n_seen) == cap + 4
 
 
 def test_memory_update_appends_while_there_is_room_and_keeps_rows_outside_the_candidates():
@@ -209,3 +213,60 @@ def test_scores_follow_the_chosen_aser_type():
                            ("neg_sv", [-0.6, -0.2])):
         np.testing.assert_allclose(aser.candidate_scores(kind, sv_adv, adv_m, sv_coop, coop_m),
                                    expected, rtol=1e-6)
+
+
+def test_asv_without_cooperative_rows_still_replays():
+    """Every memory row a candidate (one row per class, one drawn per class): the
+    cooperative term is 0 and the candidates are ranked by the adversarial one alone."""
+    cfg = aser.Config(buffer_size=3, replay_batch=2, k=1, n_smp_cls=1.0, aser_type="asv")
+    mx, my = points(40, 3, 3)
+    my = np.array([0, 1, 2])
+    buf = full_buffer(mx, my)._replace(n_seen=jnp.asarray(9, jnp.int32))
+    stream = {"x": jnp.asarray(points(41, 2, 3)[0]), "y": jnp.asarray([0, 1])}
+    _, mask = aser.retrieve(cfg, 3, lambda x: x, buf, jax.random.PRNGKey(0), stream)
+    np.testing.assert_array_equal(mask, [True, True])
+
+
+def aser_run(cfg, steps, passes=None):
+    """The ASER learner on the contract suite's batches: states before each step and keys."""
+    from test_learner_contract import batches, step_of
+
+    from ocljax import models
+    model = models.make_model("mlp", 4, width=16, depth=1)
+    learner = aser.make(model, cfg)
+    bs = batches(n=steps)
+    if passes is not None:
+        bs = bs._replace(fresh=jnp.asarray(passes, bool))
+    hp = aser.HParams()
+    update = jax.jit(learner.update)
+    state = learner.init(jax.random.PRNGKey(0), bs.x[0], hp)
+    states, keys = [], []
+    for i in range(steps):
+        states.append(state)
+        keys.append(jax.random.PRNGKey(100 + i))
+        state, _ = update(state, step_of(bs, i), hp, keys[-1])
+    return model, states + [state], keys
+
+
+def test_each_step_writes_the_pending_batch_with_the_pre_step_network_then_reads():
+    cfg = aser.Config(buffer_size=8, replay_batch=3, k=2, n_smp_cls=1.0)
+    model, states, keys = aser_run(cfg, 5)
+    before, after = states[3], states[4]  # 8 rows stored by step 2; step 3's 4 compete
+    feats = lambda x: model.apply(before.net.params, {}, x, False)[1]  # noqa: E731
+    expected = aser.write(cfg, 4, feats, before.buffer, before.pending, before.pending_valid,
+                          jax.random.split(keys[3])[0])
+    for a, b in zip(jax.tree.leaves(after.buffer), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert int(after.buffer.n_seen) == 12
+
+
+def test_repeat_passes_write_nothing_and_the_switches_fall_back_to_er():
+    cfg = aser.Config(buffer_size=8, replay_batch=3, k=2, n_smp_cls=1.0)
+    _, states, _ = aser_run(cfg, 4, passes=[1, 0, 1, 0])
+    assert [int(s.buffer.n_seen) for s in states] == [0, 0, 0, 4, 4]  # batch 0, once
+    # memory_update="reservoir": the memory is er's reservoir (same write keys)
+    cfg = aser.Config(buffer_size=8, replay_batch=3, memory_update="reservoir")
+    _, states, keys = aser_run(cfg, 4)
+    ref = er.flush(states[3], jax.random.split(keys[3])[0])
+    for a, b in zip(jax.tree.leaves(states[4].buffer), jax.tree.leaves(ref.buffer), strict=True):
+        np.testing.assert_array_equal(a, b)

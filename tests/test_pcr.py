@@ -163,3 +163,19 @@ def test_stream_logits_are_the_pre_update_cosine_logits():
     np.testing.assert_allclose(metrics["stream_logits"], learner.predict(state, bs.x[1], hp),
                                rtol=1e-5, atol=1e-5)
     assert metrics["stream_logits"].shape == (B, 4)
+
+
+def test_a_zero_feature_row_gets_a_finite_gradient_not_nan():
+    """The features' norm is floored without the NaN derivative of a norm at 0 (a model whose
+    features do not end in a ReLU could emit an all-zero row): the gradient stays finite."""
+    feats = jnp.asarray([[0.0, 0.0, 0.0], [1.0, -2.0, 0.5]])
+    proxies = jnp.asarray([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+
+    def loss(f):
+        return pcr.pcr_loss(pcr.cosine_logits(f, proxies, 0.09), jnp.asarray([0, 1]),
+                            jnp.ones(2, bool))
+
+    grad = np.asarray(jax.grad(loss)(feats))
+    assert np.all(np.isfinite(grad)) and np.abs(grad[0]).max() < 1e7
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(pcr.unit_rows(feats[1:]))), 1.0,
+                               rtol=1e-6)

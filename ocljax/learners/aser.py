@@ -61,6 +61,11 @@ Deviations from the authors' code:
 - Every read and write computes the ASER quantities and selects between them and the
   fill-phase behaviour with ``where`` (shapes are static inside ``lax.scan``); the results are
   those of the branch the code takes.
+- A memory smaller than ``int(n_smp_cls * C)`` rows offers all of its rows outside the
+  evaluation set as update candidates (the code's ``min(num_retrieve, len(valid))``); with no
+  row left for the cooperative set, its term of the score is 0 (the code fails there).
+- Exact ties between Shapley scores (common: they are small fractions) are broken by position;
+  the code's ``argsort`` breaks them arbitrarily too.
 - Candidate counts are fixed (``C * int(n_smp_cls)`` slots, masked where a class has fewer rows
   or is absent); masked candidates are neither ranked nor counted in N.
 - ``retrieval="random"`` and ``memory_update="reservoir"`` switch either half off (the code's
@@ -187,9 +192,9 @@ def candidate_scores(aser_type: str, sv_adv: Array, adv_mask: Array, sv_coop: Ar
     a, c = adv_mask[:, None], coop_mask[:, None]
     if aser_type == "neg_sv":
         return -jnp.where(a, sv_adv, 0.0).sum(0)
-    if aser_type == "asv":
-        return (jnp.where(c, sv_coop, -jnp.inf).max(0)
-                - jnp.where(a, sv_adv, jnp.inf).min(0))
+    if aser_type == "asv":  # no cooperative rows (every memory row is a candidate): 0
+        coop = jnp.where(coop_mask.any(), jnp.where(c, sv_coop, -jnp.inf).max(0), 0.0)
+        return coop - jnp.where(a, sv_adv, jnp.inf).min(0)
     mean = lambda sv, w: jnp.where(w, sv, 0.0).sum(0) / jnp.maximum(w.sum(), 1)  # noqa: E731
     return mean(sv_coop, c) - mean(sv_adv, a)
 
@@ -284,7 +289,8 @@ def write(cfg: Config, num_classes: int, features, buffer: reservoir.ReservoirSt
     minority = rest & (share[items["y"]] < threshold)
     ev, ev_mask = class_balanced_indices(k_eval, labels, everything, num_classes, per_class)
     taken = jnp.zeros((cap,), bool).at[ev].max(ev_mask)
-    cand, cand_mask = random_indices(k_cand, ~taken, n_total)
+    cand, cand_mask = random_indices(k_cand, ~taken, min(n_total, cap))
+    n_total = cand.shape[0]
     f = features(jnp.concatenate([buffer.data["x"][ev], buffer.data["x"][cand], items["x"]]))
     ne = ev.shape[0]
     f_ev, f_cand, f_new = f[:ne], f[ne:ne + n_total], f[ne + n_total:]

@@ -33,7 +33,8 @@ classifier is never trained (it gets no gradient) and never used.
 
 As in the authors' code, no step is taken while the memory is empty (the first batch: there the
 code multiplies its only loss term by zero). The training forward still runs, so BatchNorm's
-running statistics see that batch as in the code.
+running statistics see that batch, as in the code (its replay slots hold copies of the incoming
+rows, ``er.replay_rows``: the same batch mean, a slightly different variance).
 
 Deviations from the authors' code:
 
@@ -42,7 +43,9 @@ Deviations from the authors' code:
   BatchNorm, with BatchNorm the batch statistics are those of all rows together.
 - The denominator is computed as ``log sum_c n_c exp(s_ic)`` over classes with their counts,
   an [M, C] computation instead of the code's [M, M] anchor-by-sample matrix: the same number.
-  The code adds 1e-6 to the norms before dividing; here norms are floored at 1e-12.
+  The code adds 1e-6 to the norms before dividing; here norms are floored at 1e-6.
+- With ``--passes k`` (the code's ``mem_iters``) each pass draws its own augmentation; the code
+  augments the incoming batch once and reuses it on every pass.
 - Replayed rows that do not exist yet (memory smaller than ``replay_batch``) are masked out of
   anchors and of the denominator.
 - Augmentation: the code's pipeline is SCR's (random resized crop scale 0.2-1, horizontal flip,
@@ -66,12 +69,11 @@ import jax.numpy as jnp
 from ocljax import augment as aug
 from ocljax import optim
 from ocljax.learners import er
-from ocljax.learners.er_ncm import normalise
 from ocljax.learners.supervised import NetState, backbone_features, gradient_step, online_logits
 from ocljax.types import Array, Batch, Learner, Model, identity_prepare_eval
 
 __all__ = ["Config", "HParams", "State", "check_config", "cosine_logits", "init_proxies",
-           "make", "pcr_loss"]
+           "make", "pcr_loss", "unit_rows"]
 
 
 @dataclass(frozen=True)
@@ -104,9 +106,17 @@ def init_proxies(key: Array, feature_dim: int, num_classes: int) -> Array:
     return jax.random.uniform(key, (num_classes, feature_dim), jnp.float32, -bound, bound)
 
 
+def unit_rows(a: Array) -> Array:
+    """Rows scaled to unit L2 norm, the norm floored at 1e-6: a zero row stays zero and its
+    gradient is finite (at most 1e6 times the incoming one, as with the code's ``norm + 1e-6``),
+    where that of ``jnp.linalg.norm`` is NaN at 0."""
+    a = a.astype(jnp.float32)
+    return a / jnp.sqrt(jnp.maximum((a * a).sum(-1, keepdims=True), 1e-12))
+
+
 def cosine_logits(features: Array, proxies: Array, temperature) -> Array:
     """``cos(features_i, proxies_c) / temperature`` [N, C] (the code's ``cosLinear``)."""
-    return normalise(features.astype(jnp.float32)) @ normalise(proxies).T / temperature
+    return unit_rows(features) @ unit_rows(proxies).T / temperature
 
 
 def pcr_loss(logits: Array, labels: Array, valid: Array) -> Array:
