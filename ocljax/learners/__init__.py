@@ -25,6 +25,7 @@ LEARNERS: dict[str, tuple[str, str]] = {
     "er": ("er", "experience replay from a reservoir buffer"),
     "er_ncm": ("er_ncm", "ER with a nearest-class-mean classifier"),
     "er_ace": ("er_ace", "ER with asymmetric cross-entropy (Caccia et al. 2022)"),
+    "er_aml": ("er_aml", "ER with an asymmetric metric loss on incoming rows (Caccia et al. 2022)"),
     "der": ("der", "dark experience replay: logit matching (Buzzega et al. 2020)"),
     "derpp": ("der", "DER++: logit matching plus label replay (Buzzega et al. 2020)"),
     "mir": ("mir", "maximally interfered retrieval (Aljundi et al. 2019)"),
