@@ -12,6 +12,20 @@ from ocljax.learners import aser, er
 from ocljax.memory import reservoir
 
 
+def ident(x):
+    return x
+
+
+def retrieve(cfg, num_classes, *args):
+    """``aser.retrieve`` with identity features, compiled (eager small ops are slow)."""
+    return jax.jit(aser.retrieve, static_argnums=(0, 1, 2))(cfg, num_classes, ident, *args)
+
+
+def write(cfg, num_classes, *args):
+    """``aser.write`` with identity features, compiled."""
+    return jax.jit(aser.write, static_argnums=(0, 1, 2))(cfg, num_classes, ident, *args)
+
+
 def sv_reference(eval_f, eval_y, cand_f, cand_y, k):
     """Theorem 1 of Jia et al. 2019 written out: [E, N] for valid rows only."""
     out = np.zeros((len(eval_f), len(cand_f)))
@@ -93,16 +107,15 @@ def test_retrieval_is_random_until_the_memory_is_full_then_the_best_scored_candi
     mx, my = points(4, 12, 3)
     stream = {"x": jnp.asarray(points(5, 4, 3)[0]), "y": jnp.asarray([0, 1, 2, 0])}
     key = jax.random.PRNGKey(7)
-    ident = lambda x: x  # noqa: E731
     # exactly full (n_seen == capacity): still random, as the code's ``n_seen <= mem_size``
     buf = full_buffer(mx, my)
-    rows, mask = aser.retrieve(cfg, 3, ident, buf, key, stream)
+    rows, mask = retrieve(cfg, 3, buf, key, stream)
     ref_rows, ref_mask = er.replay_rows(buf, jax.random.split(key, 3)[0], 3, stream)
     np.testing.assert_array_equal(rows["x"], ref_rows["x"])
     np.testing.assert_array_equal(mask, ref_mask)
     # one more row seen: ASER scores
     buf = buf._replace(n_seen=buf.n_seen + 1)
-    rows, mask = aser.retrieve(cfg, 3, ident, buf, key, stream)
+    rows, mask = retrieve(cfg, 3, buf, key, stream)
     _, k_cand, k_coop = jax.random.split(key, 3)
     filled = jnp.ones(12, bool)
     cand, cmask = aser.class_balanced_indices(k_cand, buf.data["y"], filled, 3, 2)
@@ -125,7 +138,7 @@ def test_retrieval_replays_fewer_rows_when_fewer_candidates_exist():
     mx, my = points(6, 8, 2)
     buf = full_buffer(mx, my)._replace(n_seen=jnp.asarray(20, jnp.int32))
     stream = {"x": jnp.asarray(points(7, 2, 2)[0]), "y": jnp.asarray([0, 1])}
-    rows, mask = aser.retrieve(cfg, 4, lambda x: x, buf, jax.random.PRNGKey(0), stream)
+    rows, mask = retrieve(cfg, 4, buf, jax.random.PRNGKey(0), stream)
     np.testing.assert_array_equal(mask, [True, True, False])
     assert sorted(np.asarray(rows["y"])[:2].tolist()) == [0, 1]
 
@@ -159,7 +172,7 @@ def test_memory_update_when_full_is_the_authors_shapley_replacement(seed, cap):
     nx, ny = points(20 + seed, 4, 4)  # class 3 is new: a minority class
     buf = full_buffer(mx, my)
     key = jax.random.PRNGKey(seed)
-    new = aser.write(cfg, 4, lambda x: x, buf, {"x": jnp.asarray(nx), "y": jnp.asarray(ny)},
+    new = write(cfg, 4, buf, {"x": jnp.asarray(nx), "y": jnp.asarray(ny)},
                      jnp.ones(4, bool), key)
     _, k_threshold, k_eval, k_cand = jax.random.split(key, 4)
     threshold = float(jax.random.uniform(k_threshold, (), maxval=1.0 / 4))
@@ -180,15 +193,14 @@ def test_memory_update_appends_while_there_is_room_and_keeps_rows_outside_the_ca
     cfg = aser.Config(buffer_size=6, replay_batch=2, k=1, n_smp_cls=1.0)
     example = {"x": jnp.zeros((1, 3)), "y": jnp.zeros((1,), jnp.int32)}
     buf = reservoir.init(6, example)
-    ident = lambda x: x  # noqa: E731
     x1, y1 = points(30, 4, 2)
-    buf = aser.write(cfg, 2, ident, buf, {"x": jnp.asarray(x1), "y": jnp.asarray(y1)},
+    buf = write(cfg, 2, buf, {"x": jnp.asarray(x1), "y": jnp.asarray(y1)},
                      jnp.asarray([1, 0, 1, 1], bool), jax.random.PRNGKey(0))
     np.testing.assert_array_equal(np.asarray(buf.data["y"])[:3], y1[[0, 2, 3]])
     assert int(buf.n_seen) == 3
     x2, y2 = points(31, 4, 2)  # 3 fit, 1 competes
     before = np.asarray(buf.data["x"]).copy()
-    buf2 = aser.write(cfg, 2, ident, buf, {"x": jnp.asarray(x2), "y": jnp.asarray(y2)},
+    buf2 = write(cfg, 2, buf, {"x": jnp.asarray(x2), "y": jnp.asarray(y2)},
                       jnp.ones(4, bool), jax.random.PRNGKey(1))
     got = np.asarray(buf2.data["x"])
     assert int(buf2.n_seen) == 7
@@ -223,7 +235,7 @@ def test_asv_without_cooperative_rows_still_replays():
     my = np.array([0, 1, 2])
     buf = full_buffer(mx, my)._replace(n_seen=jnp.asarray(9, jnp.int32))
     stream = {"x": jnp.asarray(points(41, 2, 3)[0]), "y": jnp.asarray([0, 1])}
-    _, mask = aser.retrieve(cfg, 3, lambda x: x, buf, jax.random.PRNGKey(0), stream)
+    _, mask = retrieve(cfg, 3, buf, jax.random.PRNGKey(0), stream)
     np.testing.assert_array_equal(mask, [True, True])
 
 

@@ -158,8 +158,9 @@ def test_stream_logits_are_the_pre_update_cosine_logits():
     learner = pcr.make(model, pcr.Config(buffer_size=8, replay_batch=3))
     hp, bs = pcr.HParams(), batches()
     state = learner.init(jax.random.PRNGKey(0), bs.x[0], hp)
-    state, _ = learner.update(state, step_of(bs, 0), hp, jax.random.PRNGKey(1))
-    _, metrics = learner.update(state, step_of(bs, 1), hp, jax.random.PRNGKey(2))
+    update = jax.jit(learner.update)
+    state, _ = update(state, step_of(bs, 0), hp, jax.random.PRNGKey(1))
+    _, metrics = update(state, step_of(bs, 1), hp, jax.random.PRNGKey(2))
     np.testing.assert_allclose(metrics["stream_logits"], learner.predict(state, bs.x[1], hp),
                                rtol=1e-5, atol=1e-5)
     assert metrics["stream_logits"].shape == (B, 4)
