@@ -127,11 +127,11 @@ def test_existing_run_directory_needs_overwrite(tmp_path, capsys):
 
 def test_module_entry_point_reports_errors_without_traceback(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "experiments.quickstart", "--learner", "gem", "--out",
+        [sys.executable, "-m", "experiments.quickstart", "--learner", "gem2", "--out",
          str(tmp_path / "r")], capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2
-    assert "unknown learner 'gem'" in proc.stderr and "Traceback" not in proc.stderr
+    assert "unknown learner 'gem2'" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_diverged_member_is_flagged_and_excluded(tmp_path):
