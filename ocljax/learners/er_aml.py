@@ -22,7 +22,7 @@ classes' representations toward them, but through a metric loss instead of a mas
    and one optimizer step is taken.
 
 While the memory is empty the incoming rows get the plain cross-entropy (the code's "regular
-training at the start"). Prediction is the network's classifier.
+training at the start" of its task-free mode). Prediction is the network's classifier.
 
 Deviations from the authors' code:
 
@@ -30,7 +30,12 @@ Deviations from the authors' code:
   ER-AML with a cosine head, ``distLinear``); published ER-AML numbers include its effect.
 - Incoming, positive, negative and replayed rows go through one forward pass (the code uses
   three); identical without BatchNorm.
-- No augmentation (the code's ``use_augs`` applies kornia augmentations to replayed rows).
+- No augmentation (with ``use_augs`` the code applies its kornia augmentations, ``train_tf``,
+  to the rows it embeds; off by default).
+- This module runs the code's task-free mode (``--task_free 1``, the sweeps' setting) on every
+  stream, with or without boundaries: negatives are drawn among the incoming batch's classes.
+  In its default task-aware mode the code trains the first task with plain cross-entropy and
+  no replay, starts the metric loss at the second task and picks negatives by task id.
 - Positives and negatives come from the memory as it was before this step's write (written one
   step late, as in ``er``) plus the incoming batch; the code's pool is the same (it writes after
   the step).
