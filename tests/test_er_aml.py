@@ -5,6 +5,7 @@ authors' supervised-contrastive form; replayed rows alone get the cross-entropy.
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from test_learner_contract import batches, step_of
 
 from ocljax import models
@@ -79,9 +80,11 @@ def test_a_row_without_positive_or_negative_is_left_out():
     np.testing.assert_array_equal(ok, [False, False])
 
 
-def test_step_loss_is_metric_on_incoming_plus_replay_cross_entropy():
-    """With rows in memory, the step's loss is ``aml_loss`` on the incoming rows and the rows
-    drawn with the step's keys, plus the replayed rows' cross-entropy (pre-step network)."""
+@pytest.mark.parametrize("step", [1, 3])
+def test_step_loss_is_metric_on_incoming_plus_replay_cross_entropy(step):
+    """With rows in memory (4 of 8 at step 1: the pool has unfilled rows; full at step 3),
+    the step's loss is ``aml_loss`` on the incoming rows and the rows drawn with the step's
+    keys, plus the replayed rows' cross-entropy (pre-step network)."""
     model = tiny_model()
     cfg = er_aml.Config(buffer_size=8, replay_batch=3)
     learner = er_aml.make(model, cfg)
@@ -93,24 +96,26 @@ def test_step_loss_is_metric_on_incoming_plus_replay_cross_entropy():
     np.testing.assert_allclose(float(m0["loss"]), float(cross_entropy(logits0, bs.y[0])),
                                rtol=1e-5)  # empty memory: plain cross-entropy
     state = first
-    for i in range(1, 3):
+    for i in range(1, step):
         state, _ = update(state, step_of(bs, i), hp, jax.random.PRNGKey(i + 1))
     key = jax.random.PRNGKey(42)
-    _, metrics = update(state, step_of(bs, 3), hp, key)
+    _, metrics = update(state, step_of(bs, step), hp, key)
     k_write, k_read, k_pair = jax.random.split(key, 3)
     flushed = er.flush(state, k_write)
-    stream = {"x": bs.x[3], "y": bs.y[3]}
+    stream = {"x": bs.x[step], "y": bs.y[step]}
     replay, mask = er.replay_rows(flushed.buffer, k_read, 3, stream)
-    pool_x = jnp.concatenate([flushed.buffer.data["x"], bs.x[3]])
-    pool_y = jnp.concatenate([flushed.buffer.data["y"], bs.y[3]])
-    pos, neg, ok = er_aml.positives_and_negatives(k_pair, pool_y, jnp.ones(12, bool), 4)
+    pool_x = jnp.concatenate([flushed.buffer.data["x"], bs.x[step]])
+    pool_y = jnp.concatenate([flushed.buffer.data["y"], bs.y[step]])
+    filled = np.arange(8) < min(4 * step, 8)
+    pos, neg, ok = er_aml.positives_and_negatives(k_pair, pool_y,
+                                                  jnp.asarray(np.r_[filled, [True] * 4]), 4)
     params = state.net.params
     feat = lambda x: unit(np.asarray(model.apply(params, {}, x, True)[1], np.float64))  # noqa: E731
     ok = np.asarray(ok)
     contrast = np.concatenate([feat(pool_x[pos]), feat(pool_x[neg])])
     contrast_y = np.concatenate([np.asarray(pool_y[pos]), np.asarray(pool_y[neg])])
     keep = np.tile(ok, 2)
-    expected = sup_con_reference(feat(bs.x[3])[ok], np.asarray(bs.y[3])[ok], contrast[keep],
+    expected = sup_con_reference(feat(bs.x[step])[ok], np.asarray(bs.y[step])[ok], contrast[keep],
                                  contrast_y[keep], 0.2) if ok.any() else 0.0
     rep_logits = model.apply(params, {}, replay["x"], True)[0]
     expected += float(cross_entropy(rep_logits, replay["y"], mask))
