@@ -33,6 +33,15 @@ def unknown_choice(what: str, value, choices: Iterable) -> str:
            f"{', '.join(choices)}"
 
 
+def require_positive(settings, *names: str) -> None:
+    """``ConfigError`` naming the first of the integer settings ``names`` of ``settings`` (a
+    config dataclass) that is below 1."""
+    for name in names:
+        value = getattr(settings, name)
+        if value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+
+
 class Interrupted(Exception):  # noqa: N818 - a stop request, not a failure
     """A run stopped on request (SIGINT / SIGTERM) after writing a final checkpoint."""
 

@@ -172,14 +172,14 @@ def test_memory_update_when_full_is_the_authors_shapley_replacement(seed, cap):
     nx, ny = points(20 + seed, 4, 4)  # class 3 is new: a minority class
     buf = full_buffer(mx, my)
     key = jax.random.PRNGKey(seed)
-    new = write(cfg, 4, buf, {"x": jnp.asarray(nx), "y": jnp.asarray(ny)},
-                     jnp.ones(4, bool), key)
+    new = write(cfg, 4, buf, {"x": jnp.asarray(nx), "y": jnp.asarray(ny)}, key,
+                jnp.ones(4, bool))
     _, k_threshold, k_eval, k_cand = jax.random.split(key, 4)
     threshold = float(jax.random.uniform(k_threshold, (), maxval=1.0 / 4))
     ev, emask = aser.class_balanced_indices(k_eval, buf.data["y"], jnp.ones(cap, bool), 4, 1)
     taken = np.zeros(cap, bool)
     taken[np.asarray(ev)[np.asarray(emask)]] = True
-    cand, cmask = aser.random_indices(k_cand, jnp.asarray(~taken), min(6, cap))
+    cand, cmask = reservoir.subset_indices(k_cand, jnp.asarray(~taken), min(6, cap))
     assert int(cmask.sum()) == min(6, cap - taken.sum())
     ex, ey_ = write_reference(cfg, 4, mx, my, nx, ny, threshold,
                               np.asarray(ev)[np.asarray(emask)],
@@ -195,13 +195,13 @@ def test_memory_update_appends_while_there_is_room_and_keeps_rows_outside_the_ca
     buf = reservoir.init(6, example)
     x1, y1 = points(30, 4, 2)
     buf = write(cfg, 2, buf, {"x": jnp.asarray(x1), "y": jnp.asarray(y1)},
-                     jnp.asarray([1, 0, 1, 1], bool), jax.random.PRNGKey(0))
+                jax.random.PRNGKey(0), jnp.asarray([1, 0, 1, 1], bool))
     np.testing.assert_array_equal(np.asarray(buf.data["y"])[:3], y1[[0, 2, 3]])
     assert int(buf.n_seen) == 3
     x2, y2 = points(31, 4, 2)  # 3 fit, 1 competes
     before = np.asarray(buf.data["x"]).copy()
     buf2 = write(cfg, 2, buf, {"x": jnp.asarray(x2), "y": jnp.asarray(y2)},
-                      jnp.ones(4, bool), jax.random.PRNGKey(1))
+                 jax.random.PRNGKey(1), jnp.ones(4, bool))
     got = np.asarray(buf2.data["x"])
     assert int(buf2.n_seen) == 7
     appended = np.concatenate([before[:3], x2[:3]])  # the fill, before the competition
@@ -265,8 +265,8 @@ def test_each_step_writes_the_pending_batch_with_the_pre_step_network_then_reads
     model, states, keys = aser_run(cfg, 5)
     before, after = states[3], states[4]  # 8 rows stored by step 2; step 3's 4 compete
     feats = lambda x: model.apply(before.net.params, {}, x, False)[1]  # noqa: E731
-    expected = aser.write(cfg, 4, feats, before.buffer, before.pending, before.pending_valid,
-                          jax.random.split(keys[3])[0])
+    expected = aser.write(cfg, 4, feats, before.buffer, before.pending,
+                          jax.random.split(keys[3])[0], before.pending_valid)
     for a, b in zip(jax.tree.leaves(after.buffer), jax.tree.leaves(expected), strict=True):
         np.testing.assert_array_equal(a, b)
     assert int(after.buffer.n_seen) == 12

@@ -186,11 +186,8 @@ def close_task(cfg: Config, state: State, boundary) -> State:
 def uniform_indices(key, size, cap: int, n: int) -> tuple[Array, Array]:
     """``n <= cap`` distinct rows drawn uniformly from ``range(size)`` (top-k of random keys,
     O(cap)), and their mask [n]; rows past ``size`` repeat drawn ones (masked)."""
-    u = jax.random.uniform(key, (cap,))
-    u = jnp.where(jnp.arange(cap) < size, u, -1.0)
-    _, idx = jax.lax.top_k(u, n)
+    idx, mask = reservoir.subset_indices(key, jnp.arange(cap) < size, n)
     j = jnp.arange(n)
-    mask = j < size
     return jnp.where(mask, idx, idx[j % jnp.maximum(size, 1)]), mask
 
 

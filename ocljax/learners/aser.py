@@ -92,7 +92,7 @@ from ocljax.types import Array, Batch, Learner, Model
 
 __all__ = ["ASER_TYPES", "MEMORY_UPDATES", "RETRIEVALS", "Config", "HParams", "State",
            "candidate_scores", "check_config", "class_balanced_indices", "knn_shapley", "make",
-           "random_indices", "retrieve", "write"]
+           "retrieve", "write"]
 
 ASER_TYPES = ("asvm", "asv", "neg_sv")
 RETRIEVALS = ("aser", "random")
@@ -175,14 +175,6 @@ def class_balanced_indices(key: Array, labels: Array, usable: Array, num_classes
     return order[slot].reshape(-1), (r[None, :] < count[:, None]).reshape(-1)
 
 
-def random_indices(key: Array, usable: Array, n: int) -> tuple[Array, Array]:
-    """``n`` distinct rows drawn uniformly from those where ``usable`` [M]: ``(indices [n],
-    mask [n])``, masked where fewer than ``n`` rows are usable."""
-    score = jnp.where(usable, jax.random.uniform(key, usable.shape), -1.0)
-    _, idx = jax.lax.top_k(score, n)
-    return idx, jnp.arange(n) < usable.sum()
-
-
 def candidate_scores(aser_type: str, sv_adv: Array, adv_mask: Array, sv_coop: Array,
                      coop_mask: Array) -> Array:
     """Retrieval score [N] of each candidate from its KNN Shapley values for the incoming rows
@@ -211,20 +203,12 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
     def update(state: State, batch: Batch, hp: HParams, key):
         """Write the pending batch (ASER update), read by ASER score, one ER step."""
         k_write, k_read = jax.random.split(key)
-        if cfg.memory_update == "aser":
-            buffer = write(cfg, C, partial(feats, state.net), state.buffer, state.pending,
-                           state.pending_valid & batch.fresh, k_write)
-            state = state._replace(buffer=buffer,
-                                   pending_valid=state.pending_valid & ~batch.fresh)
-        else:
-            state = er.flush(state, k_write, batch.fresh)
+        add = partial(write, cfg, C, partial(feats, state.net)) \
+            if cfg.memory_update == "aser" else reservoir.add
+        state = er.flush(state, k_write, batch.fresh, add=add)
         stream = {"x": batch.x, "y": batch.y}
-        if cfg.retrieval == "aser":
-            replay, replay_mask = retrieve(cfg, C, partial(feats, state.net), state.buffer,
-                                           k_read, stream)
-        else:
-            replay, replay_mask = er.replay_rows(state.buffer, jax.random.split(k_read, 3)[0],
-                                                 cfg.replay_batch, stream)
+        replay, replay_mask = retrieve(cfg, C, partial(feats, state.net), state.buffer, k_read,
+                                       stream)
         net, loss, logits = er.replay_step(model, cfg, state.net, stream, replay, replay_mask,
                                            hp.lr)
         state = er.hold(state._replace(net=net), stream, batch.fresh)
@@ -238,10 +222,13 @@ def retrieve(cfg: Config, num_classes: int, features, buffer: reservoir.Reservoi
              key: Array, stream: dict) -> tuple[dict, Array]:
     """ASER's read: ``(rows, mask [replay_batch])``, the best-scored class-balanced memory
     candidates for the incoming ``stream`` rows once the memory is full, uniform random rows
-    (``er.replay_rows``) before (module docstring). Masked rows are copies of stream rows."""
+    (``er.replay_rows``) before (module docstring), and always with ``retrieval="random"``.
+    Masked rows are copies of stream rows."""
     C, per_class = num_classes, int(cfg.n_smp_cls)
     k_rand, k_cand, k_coop = jax.random.split(key, 3)
     random_rows, random_mask = er.replay_rows(buffer, k_rand, cfg.replay_batch, stream)
+    if cfg.retrieval == "random":
+        return random_rows, random_mask
     labels, cap = buffer.data["y"], reservoir.capacity(buffer)
     filled = jnp.arange(cap) < reservoir.size(buffer)
     cand, cand_mask = class_balanced_indices(k_cand, labels, filled, C, per_class)
@@ -260,20 +247,18 @@ def retrieve(cfg: Config, num_classes: int, features, buffer: reservoir.Reservoi
     pad = cfg.replay_batch - r
     idx = jnp.concatenate([cand[top], jnp.zeros((pad,), cand.dtype)])
     mask = jnp.concatenate([jnp.isfinite(top_score) & cand_mask[top], jnp.zeros((pad,), bool)])
-    rows = jax.tree.map(lambda a: a[idx], buffer.data)
-    filler = jax.tree.map(lambda a: a[jnp.arange(cfg.replay_batch) % b], stream)
-    pick = lambda r_, f_: jnp.where(mask.reshape(-1, *([1] * (r_.ndim - 1))), r_, f_)  # noqa: E731
-    aser_rows = jax.tree.map(pick, rows, filler)
+    aser_rows = er.with_filler(jax.tree.map(lambda a: a[idx], buffer.data), mask, stream)
     full = buffer.n_seen > cap  # the code reads at random while n_seen <= mem_size
     choose = lambda a_, r_: jnp.where(full, a_, r_)  # noqa: E731
     return jax.tree.map(choose, aser_rows, random_rows), choose(mask, random_mask)
 
 
 def write(cfg: Config, num_classes: int, features, buffer: reservoir.ReservoirState,
-          items: dict, valid: Array, key: Array) -> reservoir.ReservoirState:
+          items: dict, key: Array, valid: Array) -> reservoir.ReservoirState:
     """ASER's memory update of ``buffer`` with ``items`` ({"x", "y"} [B, ...]) where ``valid``:
     rows that fit are appended; the rest compete with memory rows by KNN Shapley value (module
-    docstring). ``features(x) -> [N, F]`` embeds rows."""
+    docstring). ``features(x) -> [N, F]`` embeds rows. After the first three arguments it takes
+    ``reservoir.add``'s (``er.flush``'s ``add``)."""
     k_fill, k_threshold, k_eval, k_cand = jax.random.split(key, 4)
     cap = reservoir.capacity(buffer)
     position = buffer.n_seen + jnp.cumsum(valid.astype(jnp.int32)) - 1
@@ -289,7 +274,7 @@ def write(cfg: Config, num_classes: int, features, buffer: reservoir.ReservoirSt
     minority = rest & (share[items["y"]] < threshold)
     ev, ev_mask = class_balanced_indices(k_eval, labels, everything, num_classes, per_class)
     taken = jnp.zeros((cap,), bool).at[ev].max(ev_mask)
-    cand, cand_mask = random_indices(k_cand, ~taken, min(n_total, cap))
+    cand, cand_mask = reservoir.subset_indices(k_cand, ~taken, min(n_total, cap))
     n_total = cand.shape[0]
     f = features(jnp.concatenate([buffer.data["x"][ev], buffer.data["x"][cand], items["x"]]))
     ne = ev.shape[0]

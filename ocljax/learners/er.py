@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import optax
 
 from ocljax import optim
-from ocljax.errors import ConfigError, unknown_choice
+from ocljax.errors import ConfigError, require_positive, unknown_choice
 from ocljax.learners.supervised import (
     NetState,
     cross_entropy_step,
@@ -69,10 +69,7 @@ class State(NamedTuple):
 
 def check_config(cfg: Config) -> None:
     """Raise ``ConfigError`` for impossible sizes."""
-    if cfg.buffer_size < 1:
-        raise ConfigError(f"buffer_size must be >= 1, got {cfg.buffer_size}")
-    if cfg.replay_batch < 1:
-        raise ConfigError(f"replay_batch must be >= 1, got {cfg.replay_batch}")
+    require_positive(cfg, "buffer_size", "replay_batch")
     if cfg.replay_batch > cfg.buffer_size:
         raise ConfigError(
             f"replay_batch={cfg.replay_batch} rows cannot be drawn without replacement from a "
@@ -158,26 +155,35 @@ def combined_rows(state, batch: Batch, k_write, k_read, n_replay: int):
     return state, stream, x, y, valid
 
 
-def flush(state: State, key, when=True) -> State:
-    """Write the pending batch into the buffer if ``when`` (a traced bool is fine)."""
+def flush(state: State, key, when=True, add=reservoir.add) -> State:
+    """Write the pending batch into the buffer if ``when`` (a traced bool is fine), with
+    ``add(buffer, items, key, valid) -> buffer``: the reservoir's by default, a learner's own
+    memory update otherwise (ASER's)."""
     write = state.pending_valid & when
-    buffer = reservoir.add(state.buffer, state.pending, key, write)
+    buffer = add(state.buffer, state.pending, key, write)
     return state._replace(buffer=buffer, pending_valid=state.pending_valid & ~write)
 
 
 def replay_rows(buffer, key, n: int, stream: dict) -> tuple[dict, Array]:
     """``n`` rows drawn without replacement from ``buffer`` and their mask [n].
 
-    While the buffer holds fewer than ``n`` rows, the missing ones are copies of stream rows:
-    they are masked out of the loss, but unlike zero rows they leave BatchNorm's batch
-    statistics those of real data (exactly the stream-only statistics when the buffer is
-    empty and ``n`` equals the stream batch size).
+    While the buffer holds fewer than ``n`` rows, the missing ones are copies of stream rows
+    (``with_filler``).
     """
     rows, mask = reservoir.sample(buffer, key, n)
+    return with_filler(rows, mask, stream), mask
+
+
+def with_filler(rows: dict, mask: Array, stream: dict) -> dict:
+    """``rows`` (leaves [n, ...]) with the rows where ``mask`` [n] is False replaced by copies
+    of the incoming ``stream`` rows (cyclically): they are masked out of the loss, but unlike
+    zero rows they leave BatchNorm's batch statistics those of real data (exactly the
+    stream-only statistics when the buffer is empty and ``n`` equals the stream batch size)."""
+    n = mask.shape[0]
     b = stream["y"].shape[0]
     filler = jax.tree.map(lambda a: a[jnp.arange(n) % b], stream)
     pick = lambda r, f: jnp.where(mask.reshape(-1, *([1] * (r.ndim - 1))), r, f)  # noqa: E731
-    return jax.tree.map(pick, rows, filler), mask
+    return jax.tree.map(pick, rows, filler)
 
 
 def hold(state, stream: dict, fresh) -> State:

@@ -51,13 +51,14 @@ import jax
 import jax.numpy as jnp
 
 from ocljax.learners import er
+from ocljax.learners.er_ncm import unit_rows
 from ocljax.learners.supervised import gradient_step, net_learner, online_logits
 from ocljax.losses import cross_entropy
 from ocljax.memory import reservoir
 from ocljax.types import Array, Batch, Learner, Model
 
 __all__ = ["BASE_TEMPERATURE", "Config", "HParams", "State", "aml_loss", "check_config", "make",
-           "positives_and_negatives"]
+           "pool_rows", "positives_and_negatives"]
 
 BASE_TEMPERATURE = 0.07  # the code's sup_con_loss scales the loss by tau / 0.07
 
@@ -101,6 +102,15 @@ def positives_and_negatives(key: Array, pool_y: Array, pool_valid: Array, n_inco
     return pos, neg, pos_ok.any(0) & neg_ok.any(0)
 
 
+def pool_rows(memory_x: Array, incoming_x: Array, idx: Array) -> Array:
+    """Rows ``idx`` of the pool (the memory's rows, then the incoming batch's), gathered from
+    each part without concatenating the whole memory every step."""
+    cap = memory_x.shape[0]
+    inside = (idx < cap).reshape(-1, *([1] * (memory_x.ndim - 1)))
+    return jnp.where(inside, memory_x[jnp.minimum(idx, cap - 1)],
+                     incoming_x[jnp.maximum(idx - cap, 0)])
+
+
 def aml_loss(h_anchor: Array, y_anchor: Array, h_contrast: Array, y_contrast: Array,
              anchor_ok: Array, contrast_ok: Array, temperature) -> Array:
     """The incoming loss (module docstring, step 3) over L2-normalised anchors [B, F] and
@@ -122,18 +132,17 @@ def update_state(model: Model, cfg: Config, state: State, batch: Batch, hp, key)
     stream = {"x": batch.x, "y": batch.y}
     replay, replay_mask = er.replay_rows(state.buffer, k_read, cfg.replay_batch, stream)
     b, cap = batch.y.shape[0], reservoir.capacity(state.buffer)
-    pool_x = jnp.concatenate([state.buffer.data["x"], batch.x])
     pool_y = jnp.concatenate([state.buffer.data["y"], batch.y])
     pool_valid = jnp.concatenate([jnp.arange(cap) < reservoir.size(state.buffer),
                                   jnp.ones((b,), bool)])
     pos, neg, ok = positives_and_negatives(k_pair, pool_y, pool_valid, b)
     metric = reservoir.size(state.buffer) > 0  # the code: plain CE until the memory has rows
-    x = jnp.concatenate([batch.x, pool_x[pos], pool_x[neg], replay["x"]])
+    pair_x = pool_rows(state.buffer.data["x"], batch.x, jnp.concatenate([pos, neg]))
+    x = jnp.concatenate([batch.x, pair_x, replay["x"]])
 
     def loss_fn(params, model_state):
         logits, feats, model_state = model.apply(params, model_state, x, True)
-        h = feats.astype(jnp.float32)
-        h = h / jnp.sqrt(jnp.maximum((h * h).sum(-1, keepdims=True), 1e-12))
+        h = unit_rows(feats)
         contrast_ok = jnp.concatenate([ok, ok])
         aml = aml_loss(h[:b], batch.y, h[b:3 * b], jnp.concatenate([pool_y[pos], pool_y[neg]]),
                        ok, contrast_ok, hp.temperature)

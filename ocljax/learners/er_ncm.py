@@ -26,7 +26,8 @@ from ocljax.learners.supervised import net_features
 from ocljax.memory import reservoir
 from ocljax.types import Array, Batch, Learner, Model
 
-__all__ = ["Config", "HParams", "State", "make", "class_means", "nearest_mean_logits"]
+__all__ = ["Config", "HParams", "State", "make", "class_means", "nearest_mean_logits",
+           "normalise", "unit_rows"]
 
 
 class State(NamedTuple):
@@ -37,8 +38,19 @@ class State(NamedTuple):
 
 
 def normalise(f: Array) -> Array:
-    """Rows scaled to unit L2 norm (zero rows stay zero)."""
+    """Rows scaled to unit L2 norm (zero rows stay zero). Its gradient is NaN at a zero row:
+    losses that differentiate through the normalisation of features that can be zero use
+    ``unit_rows``."""
     return f / jnp.maximum(jnp.linalg.norm(f, axis=-1, keepdims=True), 1e-12)
+
+
+def unit_rows(a: Array) -> Array:
+    """Rows scaled to unit L2 norm in float32, the norm floored at 1e-6: a zero row stays zero
+    and its gradient is finite (at most 1e6 times the incoming one, as with a ``norm + 1e-6``
+    denominator), where that of ``jnp.linalg.norm`` is NaN at 0. Used by PCR and ER-AML (kept
+    apart from ``normalise``, whose rounding SCR's and iCaRL's numbers were measured with)."""
+    a = a.astype(jnp.float32)
+    return a / jnp.sqrt(jnp.maximum((a * a).sum(-1, keepdims=True), 1e-12))
 
 
 def class_means(features: Array, labels: Array, mask: Array, num_classes: int):

@@ -57,7 +57,7 @@ import jax
 import jax.numpy as jnp
 
 from ocljax import optim
-from ocljax.errors import ConfigError, unknown_choice
+from ocljax.errors import ConfigError, require_positive, unknown_choice
 from ocljax.learners.supervised import (
     NetState,
     cross_entropy_step,
@@ -94,12 +94,7 @@ class State(NamedTuple):
 
 def check_config(cfg: Config) -> None:
     """Raise ``ConfigError`` for impossible settings."""
-    if cfg.buffer_size < 1:
-        raise ConfigError(f"buffer_size must be >= 1, got {cfg.buffer_size}")
-    if cfg.retrain_epochs < 1:
-        raise ConfigError(f"retrain_epochs must be >= 1, got {cfg.retrain_epochs}")
-    if cfg.retrain_batch < 1:
-        raise ConfigError(f"retrain_batch must be >= 1, got {cfg.retrain_batch}")
+    require_positive(cfg, "buffer_size", "retrain_epochs", "retrain_batch")
     if cfg.schedule not in SCHEDULES:
         raise ConfigError(unknown_choice("schedule", cfg.schedule, SCHEDULES))
     optim.check(cfg.optimizer)

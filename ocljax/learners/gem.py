@@ -61,7 +61,7 @@ import jax
 import jax.numpy as jnp
 
 from ocljax import optim
-from ocljax.errors import ConfigError
+from ocljax.errors import ConfigError, require_positive
 from ocljax.learners import agem, er
 from ocljax.learners.supervised import NetState, apply_gradients, net_learner, online_logits
 from ocljax.losses import cross_entropy
@@ -92,8 +92,9 @@ class State(NamedTuple):
     net: NetState
     buffer: reservoir.ReservoirState  # data [max_tasks * P, ...]; n_seen: rows of this task
     n_tasks: Array  # [] int32, completed tasks (the current task's region index)
-    task_rows: Array  # [max_tasks] int32, rows offered per completed task, capped at P
-    ref_step: Array  # [] int32, unused (``agem.close_task`` resets it)
+    task_rows: Array  # [max_tasks] int32, unused here (``agem.close_task`` keeps it; GEM
+    # reads ``filled``, since the authors' writes do not fill a region from its start)
+    ref_step: Array  # [] int32, unused here (``agem.close_task`` resets it)
     pending: dict  # {"x": [B, ...], "y": [B]}: last incoming batch, not yet written
     pending_valid: Array  # [B] bool
     mem_cnt: Array  # [] int32, the code's write position in a region (not reset per task)
@@ -124,16 +125,12 @@ def fit_to_stream(cfg: Config, stream_cfg, explicit: set[str]):
 
 def check_config(cfg: Config) -> None:
     """Raise ``ConfigError`` for impossible sizes and solver settings."""
-    if cfg.patterns_per_task < 1:
-        raise ConfigError(f"patterns_per_task must be >= 1, got {cfg.patterns_per_task}")
-    if cfg.max_tasks < 1:
-        raise ConfigError(f"max_tasks must be >= 1, got {cfg.max_tasks}")
+    require_positive(cfg, "patterns_per_task", "max_tasks")
     if cfg.memory_strength < 0:
         raise ConfigError(f"memory_strength must be >= 0, got {cfg.memory_strength}")
     if cfg.eps <= 0:
         raise ConfigError(f"eps must be > 0 (it keeps G G' invertible), got {cfg.eps}")
-    if cfg.qp_iters < 1:
-        raise ConfigError(f"qp_iters must be >= 1, got {cfg.qp_iters}")
+    require_positive(cfg, "qp_iters")
     optim.check(cfg.optimizer)
 
 
@@ -236,13 +233,20 @@ def flush_memory(cfg: Config, state: State, when=True) -> State:
                           filled=state.filled.at[row].set(True, mode="drop"))
 
 
+def agem_config(cfg: Config) -> agem.Config:
+    """A-GEM's per-task memory settings matching ``cfg``, for the pieces of ``agem`` that GEM
+    shares (``init_state``, ``close_task``)."""
+    return agem.Config(memory="per_task", patterns_per_task=cfg.patterns_per_task,
+                       max_tasks=cfg.max_tasks, mem_batch=cfg.max_tasks,
+                       optimizer=cfg.optimizer)
+
+
 def update_state(model: Model, cfg: Config, state: State, batch: Batch, hp, key):
     """One GEM step: write the pending batch (closing a task at a boundary), the gradient of
     every completed task's memory and of the incoming batch, the projection, the step."""
     del key
-    acfg = agem.Config(memory="per_task", patterns_per_task=cfg.patterns_per_task,
-                       max_tasks=cfg.max_tasks)
-    state = agem.close_task(acfg, flush_memory(cfg, state, batch.fresh), batch.boundary)
+    state = agem.close_task(agem_config(cfg), flush_memory(cfg, state, batch.fresh),
+                            batch.boundary)
     net, P = state.net, cfg.patterns_per_task
 
     def loss_fn(params, x, y, mask):
@@ -267,12 +271,9 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
     """GEM learner for ``model``: per-task episodic memory, QP-projected gradients."""
     cfg = cfg or Config()
     check_config(cfg)
-    acfg = agem.Config(memory="per_task", patterns_per_task=cfg.patterns_per_task,
-                       max_tasks=cfg.max_tasks, mem_batch=max(cfg.max_tasks, 1),
-                       optimizer=cfg.optimizer)
 
     def init(key, x, hp: HParams) -> State:
-        base = agem.init_state(model, acfg, key, x, hp)
+        base = agem.init_state(model, agem_config(cfg), key, x, hp)
         return State(**base._asdict(), mem_cnt=jnp.zeros((), jnp.int32),
                      filled=jnp.zeros((cfg.max_tasks * cfg.patterns_per_task,), bool))
 

@@ -65,7 +65,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from ocljax import optim
-from ocljax.errors import ConfigError
+from ocljax.errors import ConfigError, require_positive
 from ocljax.learners import er
 from ocljax.learners.supervised import (
     NetState,
@@ -103,9 +103,7 @@ class State(NamedTuple):
 
 def check_config(cfg: Config) -> None:
     """Raise ``ConfigError`` for impossible sizes."""
-    for name in ("buffer_size", "replay_batch", "candidates"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    require_positive(cfg, "buffer_size", "replay_batch", "candidates")
     for name in ("replay_batch", "candidates"):
         if getattr(cfg, name) > cfg.buffer_size:
             raise ConfigError(

@@ -69,6 +69,7 @@ import jax.numpy as jnp
 from ocljax import augment as aug
 from ocljax import optim
 from ocljax.learners import er
+from ocljax.learners.er_ncm import unit_rows
 from ocljax.learners.supervised import NetState, backbone_features, gradient_step, online_logits
 from ocljax.types import Array, Batch, Learner, Model, identity_prepare_eval
 
@@ -104,14 +105,6 @@ def init_proxies(key: Array, feature_dim: int, num_classes: int) -> Array:
     which the authors' ``cosLinear`` uses."""
     bound = 1.0 / jnp.sqrt(feature_dim)
     return jax.random.uniform(key, (num_classes, feature_dim), jnp.float32, -bound, bound)
-
-
-def unit_rows(a: Array) -> Array:
-    """Rows scaled to unit L2 norm, the norm floored at 1e-6: a zero row stays zero and its
-    gradient is finite (at most 1e6 times the incoming one, as with the code's ``norm + 1e-6``),
-    where that of ``jnp.linalg.norm`` is NaN at 0."""
-    a = a.astype(jnp.float32)
-    return a / jnp.sqrt(jnp.maximum((a * a).sum(-1, keepdims=True), 1e-12))
 
 
 def cosine_logits(features: Array, proxies: Array, temperature) -> Array:

@@ -102,6 +102,16 @@ def sample_indices(key: Array, population: Array, n: int) -> tuple[Array, Array]
     return jnp.maximum(picked, 0), mask
 
 
+def subset_indices(key: Array, usable: Array, n: int) -> tuple[Array, Array]:
+    """``n`` distinct rows drawn uniformly from those where ``usable`` [M] (top-k of random
+    keys, O(M)): ``(indices [n], mask [n])``, masked where fewer than ``n`` rows are usable.
+    For draws from an arbitrary set of rows; ``sample_indices`` draws from a prefix in O(n^2)
+    independent of M."""
+    score = jnp.where(usable, jax.random.uniform(key, usable.shape), -1.0)
+    _, idx = jax.lax.top_k(score, n)
+    return idx, jnp.arange(n) < usable.sum()
+
+
 def sample(state: ReservoirState, key: Array, n: int) -> tuple[PyTree, Array]:
     """Draw ``n`` rows without replacement; returns ``(rows, mask [n] bool)``."""
     idx, mask = sample_indices(key, size(state), n)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ocljax.errors import ConfigError, unknown_choice
+from ocljax.errors import ConfigError, require_positive, unknown_choice
 from ocljax.streams import schedule as schedule_lib
 
 KINDS = ("split", "permuted", "rotated")
@@ -66,9 +66,7 @@ class StreamConfig:
             raise ConfigError(unknown_choice("stream", self.kind, KINDS))
         if self.class_order not in ("fixed", "random"):
             raise ConfigError(f"class_order must be 'fixed' or 'random', got {self.class_order!r}")
-        for name in ("n_tasks", "batch_size", "passes"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        require_positive(self, "n_tasks", "batch_size", "passes")
         for name in ("samples_per_task", "eval_every", "eval_per_task", "test_per_task",
                      "eval_dense_every", "eval_dense_window", "near_future"):
             if getattr(self, name) < 0:
