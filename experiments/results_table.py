@@ -31,8 +31,8 @@ from ocljax.run.results import write_atomic
 
 BENCHMARKS = ("split_mnist", "permuted_mnist", "split_fashion_mnist")
 LEARNERS = ("finetune", "finetune@iid", "er", "er_ace", "er_aml", "der", "derpp", "mir", "aser",
-            "gss", "gem", "agem", "rar", "scr", "pcr", "gdumb", "icarl", "lwf", "ewc_online",
-            "mas", "er_ncm")
+            "gss", "gem", "agem", "rar", "scr", "pcr", "cope", "gdumb", "icarl", "lwf",
+            "ewc_online", "mas", "er_ncm")
 EXTRA = {"gdumb": ["--eval-every", "0"]}
 ANCHOR = "agem_pmnist"
 # the anchor's run directories under the root: the preset's settings (5 seeds, then 10), then

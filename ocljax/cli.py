@@ -129,7 +129,7 @@ def build_parser(prog: str, description: str, preset: dict) -> argparse.Argument
 
 # Traced hyperparameters that must be positive / non-negative wherever a learner has them.
 POSITIVE = ("lr", "temperature")
-NON_NEGATIVE = ("lam", "alpha", "beta", "gamma", "epsilon", "step_size", "min_lr",
+NON_NEGATIVE = ("lam", "alpha", "beta", "gamma", "epsilon", "step_size", "min_lr", "momentum",
                 "mean_threshold", "var_threshold")
 
 
