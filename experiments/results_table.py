@@ -31,9 +31,10 @@ from ocljax.run.results import write_atomic
 
 BENCHMARKS = ("split_mnist", "permuted_mnist", "split_fashion_mnist")
 LEARNERS = ("finetune", "finetune@iid", "er", "er_ace", "er_aml", "der", "derpp", "mir", "aser",
-            "gss", "gem", "agem", "rar", "scr", "pcr", "cope", "gdumb", "icarl", "lwf",
+            "gss", "gem", "agem", "rar", "scr", "pcr", "cope", "ocm", "gdumb", "icarl", "lwf",
             "ewc_online", "mas", "er_ncm")
-EXTRA = {"gdumb": ["--eval-every", "0"]}
+EXTRA = {"gdumb": ["--eval-every", "0"],
+         "ocm": ["--set", "lr=0.001", "--seeds", "2"]}  # Adam's rate; 150x ER's compute
 ANCHOR = "agem_pmnist"
 # the anchor's run directories under the root: the preset's settings (5 seeds, then 10), then
 # three variations
@@ -277,7 +278,9 @@ def write_page(root: Path, page: Path) -> None:
                  "`--no-task-free`.", "", "| command | wall time (s) |", "|---|---|"]
         for bench, learner, wall, _ in commands:
             wall_text = f"{wall:.0f}" if wall else "n/a"
-            lines.append(f"| `python -m experiments.{bench} --learner {learner}` | {wall_text} |")
+            extra = "".join(f" {a}" for a in EXTRA.get(learner.partition("@")[0], []))
+            lines.append(f"| `python -m experiments.{bench} --learner {learner}{extra}` | "
+                         f"{wall_text} |")
         v = commands[-1][3]
         lines += ["", f"Machine: {v.get('platform', '?')}; jax {v.get('jax', '?')}, "
                   f"Python {v.get('python', '?')}."]

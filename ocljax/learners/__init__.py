@@ -37,6 +37,7 @@ LEARNERS: dict[str, tuple[str, str]] = {
     "rar": ("rar", "retrospective adversarial replay (Kumari et al. 2022)"),
     "scr": ("scr", "supervised contrastive replay with NCM (Mai et al. 2021)"),
     "pcr": ("pcr", "proxy-based contrastive replay (Lin et al. 2023)"),
+    "ocm": ("ocm", "mutual information via transformed-copy contrast (Guo et al. 2022)"),
     "cope": ("cope", "continual prototype evolution, PPP loss (De Lange & Tuytelaars 2021)"),
     "icarl": ("icarl", "herding exemplars, distillation, NME (Rebuffi et al. 2017)"),
     "lwf": ("lwf", "learning without forgetting (Li & Hoiem 2016)"),
