@@ -472,6 +472,8 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per worker process")
     p.add_argument("--data-dir", help="directory with MNIST (e.g. ../shared/data): the MLP rows "
                    "then train on real split-MNIST instead of synthetic data")
+    p.add_argument("--learners", help="comma-separated learners for the compile section "
+                   "(default: every registered learner on a CPU, four on a GPU)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -493,6 +495,17 @@ def main(argv=None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else None
     jobs = plan(gpu, args.quick, sections, data_dir)
+    if args.learners:
+        from ocljax import learners
+        from ocljax.errors import OCLError
+
+        chosen = args.learners.split(",")
+        for name in chosen:
+            try:
+                learners.get(name)
+            except OCLError as err:
+                p.error(str(err))
+        jobs = [{**j, "learners": chosen} if j["kind"] == "compile" else j for j in jobs]
     bw = next((v for k, v in HBM_BYTES_PER_S.items() if k in kind), None) if gpu else None
     ctx = {"torch": {}, "hbm_bytes_per_s": bw}
     meta = {"benchmark": "ocljax suite", "quick": args.quick, "backend": jax.default_backend(),
