@@ -6,7 +6,8 @@ runs inside ``lax.scan`` and under ``vmap`` over members. The transformations ar
 OCL literature uses for replay and contrastive methods: random crop after zero padding and
 horizontal flip (the standard CIFAR pipeline of He et al. 2016, used by SCR, Mai et al. 2021,
 and RAR, Kumari et al. 2022), random resized crop (SimCLR, Chen et al. 2020, Sec. 3; SupCon,
-Khosla et al. 2020), and brightness/contrast jitter.
+Khosla et al. 2020), brightness/contrast jitter, and random grayscale (SimCLR's, which OnPro,
+Wei et al. 2023, applies to colour images).
 
 ``augment(key, x, spec)`` composes them from a short spec such as ``"crop4,flip"``.
 """
@@ -106,6 +107,19 @@ def random_brightness_contrast(key: Array, x: Array, strength: float = 0.4) -> A
     return _like(f, x)
 
 
+LUMA = (0.299, 0.587, 0.114)  # ITU-R 601 weights, torchvision's and kornia's grayscale
+
+
+def random_grayscale(key: Array, x: Array, p: float = 0.25) -> Array:
+    """Turn each colour image to grey (every channel the luma ``0.299 R + 0.587 G +
+    0.114 B``) with probability ``p``; single-channel images are returned as they are."""
+    if x.shape[-1] != 3:
+        return x
+    grey = (x.astype(jnp.float32) * jnp.asarray(LUMA)).sum(-1, keepdims=True)
+    turn = jax.random.bernoulli(key, p, (x.shape[0],))
+    return jnp.where(turn[:, None, None, None], _like(jnp.broadcast_to(grey, x.shape), x), x)
+
+
 def _like(f: Array, x: Array) -> Array:
     """``f`` (float) back in ``x``'s dtype (rounded and clipped for integer images)."""
     if jnp.issubdtype(x.dtype, jnp.integer):
@@ -117,18 +131,19 @@ def _like(f: Array, x: Array) -> Array:
 def parse(spec: str) -> tuple[tuple[str, float], ...]:
     """Validate an augmentation spec: comma-separated ``crop[P]`` (pad P, default 4),
     ``flip``, ``rrc[S]`` (random resized crop, min scale S/100, default 20), ``jitter[S]``
-    (brightness/contrast, strength S/100, default 40); ``""`` or ``"none"`` for nothing."""
+    (brightness/contrast, strength S/100, default 40), ``gray[P]`` (grayscale with
+    probability P/100, default 25); ``""`` or ``"none"`` for nothing."""
     out = []
     for part in filter(None, (p.strip() for p in spec.split(","))):
         if part == "none":
             continue
         name = part.rstrip("0123456789")
         digits = part[len(name):]
-        defaults = {"crop": 4, "flip": 0, "rrc": 20, "jitter": 40}
+        defaults = {"crop": 4, "flip": 0, "rrc": 20, "jitter": 40, "gray": 25}
         if name not in defaults or (name == "flip" and digits):
             raise ConfigError(
                 f"unknown augmentation {part!r} in {spec!r}; use crop[P], flip, rrc[S], "
-                "jitter[S] separated by commas (e.g. 'crop4,flip')")
+                "jitter[S], gray[P] separated by commas (e.g. 'crop4,flip')")
         out.append((name, float(digits) if digits else float(defaults[name])))
     return tuple(out)
 
@@ -159,6 +174,8 @@ def augment(key: Array, x: Array, spec: str) -> Array:
             x = random_flip(k, x)
         elif name == "rrc":
             x = random_resized_crop(k, x, (arg / 100.0, 1.0))
+        elif name == "gray":
+            x = random_grayscale(k, x, arg / 100.0)
         else:
             x = random_brightness_contrast(k, x, arg / 100.0)
     return x

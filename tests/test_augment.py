@@ -97,6 +97,20 @@ def test_jitter_zero_strength_is_identity_and_range_is_kept():
     assert out.dtype == np.uint8 and not np.array_equal(out, x)
 
 
+def test_grayscale_turns_about_p_of_colour_images_to_their_luma():
+    rng = np.random.default_rng(7)
+    x = rng.integers(0, 255, size=(400, 3, 3, 3), dtype=np.uint8)
+    out = np.asarray(augment.augment(jax.random.PRNGKey(8), jnp.asarray(x), "gray25"))
+    turned = np.all(out[..., :1] == out, axis=(1, 2, 3))  # random colour images never are
+    assert 0.18 < turned.mean() < 0.32
+    luma = np.round((x.astype(np.float64) * [0.299, 0.587, 0.114]).sum(-1))
+    np.testing.assert_allclose(out[turned][..., 0], luma[turned], atol=1)
+    np.testing.assert_array_equal(out[~turned], x[~turned])
+    grey = x[..., :1]
+    np.testing.assert_array_equal(augment.augment(jax.random.PRNGKey(8), jnp.asarray(grey),
+                                                  "gray100"), grey)
+
+
 def test_augment_spec_vmaps_and_is_deterministic():
     x = jnp.asarray(images(b=4))
     keys = jax.random.split(jax.random.PRNGKey(6), 3)
