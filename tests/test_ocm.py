@@ -118,8 +118,8 @@ def reference_loss(model, cfg, state, batch, hp, key):
     keep = np.asarray(idx)[mask]
     mem_x, mem_y = state.buffer.data["x"][keep], state.buffer.data["y"][keep]
     F, P = model.feature_dim, cfg.proj_dim
-    off1 = int(jax.random.randint(k_off1, (), 0, F - P + 1))
-    off2 = int(jax.random.randint(k_off2, (), 0, F - P + 1))
+    off1 = int(jax.random.randint(k_off1, (), 0, F - P))  # the code: randperm(F - P)[0]
+    off2 = int(jax.random.randint(k_off2, (), 0, F - P))
 
     def proj(params, x):
         logits, h, _ = model.apply(params["net"], {}, x, True)
@@ -150,7 +150,7 @@ def test_step_losses_take_the_rows_the_code_gives_them_across_a_boundary(monkeyp
     """Task 0: cross-entropy on the incoming rows plus L_new; from the boundary on, the memory
     terms join (L_buf, L_pre against the snapshot taken at the boundary) and the
     cross-entropy moves to the memory rows; the snapshot is not trained."""
-    monkeypatch.setattr(ocm.aug, "augment", lambda key, x, spec: 255 - x)
+    monkeypatch.setattr(ocm.aug, "random_resized_crop", lambda key, x, scale: 255 - x)
     model = tiny_model()
     cfg = ocm.Config(buffer_size=16, replay_max=6, replay_per_class=2, proj_dim=8,
                      weight_decay=0.0)
@@ -194,6 +194,35 @@ def test_seen_classes_and_prediction_by_the_network_classifier():
     want = model.apply(state.net.params["net"], state.net.model_state, bs.x[0], False)[0]
     np.testing.assert_array_equal(np.asarray(logits), np.asarray(want))
     assert logits.shape == (B, C)
+
+
+def test_window_offset_covers_the_codes_range():
+    offsets = jax.vmap(lambda k: ocm.window_offset(k, 12, 8))(
+        jax.random.split(jax.random.PRNGKey(0), 400))
+    assert set(np.asarray(offsets).tolist()) == {0, 1, 2, 3}  # randperm(12 - 8)[0]
+    assert int(ocm.window_offset(jax.random.PRNGKey(1), 8, 8)) == 0
+
+
+def test_gradients_stay_finite_at_a_low_temperature_with_an_empty_memory():
+    """The first task computes the memory terms on rows that do not exist (masked, then
+    dropped): at a temperature of 0.01 their exponentials overflow unless they are never
+    taken."""
+    s = jnp.asarray(np.random.default_rng(4).uniform(-1, 1, size=(6, 6)), jnp.float32)
+    labels = jnp.asarray([0, 1, 0, 1, 2, 2])
+    for valid in (np.zeros(6, bool), np.array([True, True, False, True, False, False])):
+        mask = jnp.asarray(valid)
+        g = jax.grad(lambda a, m=mask: ocm.contrast_all(a, labels, labels, m, 0.01))(s)
+        assert np.isfinite(np.asarray(g)).all()
+    model = tiny_model()
+    learner = ocm.make(model, ocm.Config(buffer_size=16, replay_max=6, proj_dim=8))
+    hp = ocm.HParams(temperature=0.01)
+    bs = batches()
+    state = learner.init(jax.random.PRNGKey(0), bs.x[0], hp)
+    for i in range(2):
+        state, metrics = jax.jit(learner.update)(state, step_of(bs, i), hp,
+                                                 jax.random.PRNGKey(i))
+    assert np.isfinite(float(metrics["loss"]))
+    assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(state.net))
 
 
 def test_bad_settings_are_refused():

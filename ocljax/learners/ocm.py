@@ -27,9 +27,9 @@ from a reservoir memory:
    rows of the mean of ``l_ij`` over the rows j sharing i's label, i itself included as the
    code's constant ``-log 1e-8`` term);
 4. from the second task on, also ``L_buf`` (the supervised term on the memory's views, with
-   each row's own similarity kept in its softmax) and ``L_pre``: the current model's
-   projections of the memory copies (uncropped) against the previous task's model's
-   projections of the same copies, the supervised term over the previous model's rows;
+   each row's own similarity kept in its softmax) and ``L_pre``: for each of the current
+   model's projections of the memory copies (uncropped), a softmax over the previous task's
+   model's projections of the same copies, the supervised term with those as candidates;
 5. cross-entropy of the network's classifier on a fresh crop of the incoming rows in the first
    task, of the memory rows afterwards (the incoming rows then get no cross-entropy);
 6. one Adam step on the network and the head together (the code: Adam, lr 1e-3, betas 0.9 /
@@ -52,6 +52,13 @@ Deviations from the authors' code:
 - The code normalises MNIST with mean 0.1307 / std 0.3081; the library's default inputs are in
   [0, 1] (``--set input_norm=standard`` for the code's).
 - Labels of copies are ``y + C k`` (the code: ``y + 100 k``); only their equality matters.
+- Crops of uint8 images are rounded back to uint8 (the code crops normalised floats); the
+  code's mixed precision (apex O1) is not reproduced.
+- The code's MNIST network is an MLP 784-400-400 (``--set width=400``); the library's preset
+  uses 256. ``transforms="rotations"`` (the paper's four rotations) is in none of the authors'
+  scripts; their CIFAR script also uses the 16 copies, with flip and grayscale added.
+- The first task computes the memory terms and masks them (fixed shapes under ``vmap``), so
+  it costs as much per step as the later tasks.
 
 Cost: each step runs ``2 x 16 x (B + replay_max)`` rows through the network (2,368 rows for
 split MNIST, against ER's 20) plus the previous model's ``16 x replay_max`` rows: about 150
@@ -162,16 +169,23 @@ def transform(x: Array, kind: str) -> Array:
     return jnp.concatenate([jnp.rot90(v, r, axes=(1, 2)) for r in range(4) for v in variants])
 
 
+def window_offset(key: Array, feature_dim: int, proj_dim: int) -> Array:
+    """Start of the feature window compared with the projections: uniform over
+    ``0 .. F - P - 1`` as in the code (``torch.randperm(F - P)[0]``; 0 when ``F == P``)."""
+    return jax.random.randint(key, (), 0, max(feature_dim - proj_dim, 1))
+
+
 def copy_labels(y: Array, n_copies: int, num_classes: int) -> Array:
     """Labels of ``transform``'s copies [K B]: ``y + C k`` for block k."""
     return jnp.concatenate([y + num_classes * k for k in range(n_copies)])
 
 
-def similarity(z: Array, h: Array, offset) -> Array:
-    """``0.5 z . h[:, o:o+P]^T + 0.5 z . z^T`` [M, M] (module docstring, step 2) for normalised
-    projections ``z`` [M, P] and normalised features ``h`` [M, F >= P], ``o = offset``."""
+def similarity(z: Array, h: Array, offset, weight=0.5) -> Array:
+    """``weight (z . h[:, o:o+P]^T + z . z^T)`` [M, M] (module docstring, step 2; OCM's weight
+    is 0.5) for normalised projections ``z`` [M, P] and normalised features ``h`` [M, F >= P],
+    ``o = offset``."""
     window = jax.lax.dynamic_slice_in_dim(h, offset, z.shape[1], axis=1)
-    return z @ (0.5 * window + 0.5 * z).T  # one [M, M] matmul instead of two
+    return weight * (z @ (window + z).T)  # one [M, M] matmul instead of two
 
 
 def contrast_terms(s: Array, row_labels: Array, col_labels: Array, valid: Array, temperature,
@@ -185,7 +199,8 @@ def contrast_terms(s: Array, row_labels: Array, col_labels: Array, valid: Array,
     usable = valid[None, :] & (keep_self | ~jnp.eye(n, dtype=bool))
     top = jnp.where(valid[None, :], logits, -jnp.inf).max(1, keepdims=True)
     top = jax.lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))  # no valid column: 0
-    e = jnp.where(usable, jnp.exp(logits - top), 0.0)
+    # exp only of usable entries: an unused one may overflow, and 0 x inf is a NaN gradient
+    e = jnp.where(usable, jnp.exp(jnp.where(usable, logits - top, 0.0)), 0.0)
     ell = -jnp.log(e / (e.sum(1, keepdims=True) + 1e-8) + 1e-8)
     positive = (row_labels[:, None] == col_labels[None, :]) & valid[None, :] & valid[:, None]
     w = positive / jnp.maximum(positive.sum(1, keepdims=True), 1)
@@ -228,7 +243,9 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
     if F < P:
         raise ConfigError(f"OCM compares projections with a {P}-wide window of the features, "
                           f"but this model has {F} features: set proj_dim <= {F}")
-    crop_spec = f"rrc{cfg.crop_scale * 100:g}"
+
+    def crop(key, x):
+        return aug.random_resized_crop(key, x, (cfg.crop_scale, 1.0))
 
     def forward(params, model_state, x, train):
         logits, h, model_state = model.apply(params["net"], model_state, x, train)
@@ -271,10 +288,10 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
         mem = er.with_filler(jax.tree.map(lambda a: a[idx], state.buffer.data), mask, stream)
         copies = transform(batch.x, cfg.transforms)  # [K B]
         mem_copies = transform(mem["x"], cfg.transforms)  # [K R]
-        views = jnp.concatenate([copies, aug.augment(k_new, copies, crop_spec)])
-        mem_views = jnp.concatenate([mem_copies, aug.augment(k_mem, mem_copies, crop_spec)])
+        views = jnp.concatenate([copies, crop(k_new, copies)])
+        mem_views = jnp.concatenate([mem_copies, crop(k_mem, mem_copies)])
         # cross-entropy rows: a crop of the incoming rows (first task) or of the memory rows
-        ce_x = aug.augment(k_ce, jnp.concatenate([batch.x, mem["x"]]), crop_spec)
+        ce_x = crop(k_ce, jnp.concatenate([batch.x, mem["x"]]))
         ce_y = jnp.concatenate([batch.y, mem["y"]])
         ce_valid = jnp.concatenate([jnp.full((b,), ~later), mask & later])
         x_all = jnp.concatenate([views, mem_views, ce_x, batch.x])
@@ -282,8 +299,7 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
         mem_labels = copy_labels(mem["y"], K, C)
         mem_valid = jnp.tile(mask, K)
         n_new, n_mem = views.shape[0], mem_views.shape[0]
-        off1 = jax.random.randint(k_off1, (), 0, F - P + 1)
-        off2 = jax.random.randint(k_off2, (), 0, F - P + 1)
+        off1, off2 = window_offset(k_off1, F, P), window_offset(k_off2, F, P)
         _, _, z_prev, _ = forward(previous, state.net.model_state, mem_copies, True)
         z_prev = jax.lax.stop_gradient(z_prev)
 
