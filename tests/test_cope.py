@@ -182,6 +182,45 @@ def test_no_step_before_two_classes_but_prototypes_move_and_prediction_stays_on_
     assert set(predicted.tolist()) <= {0, 2}
 
 
+def test_prediction_is_the_dot_product_with_unnormalised_prototypes():
+    """Prototypes are momentum averages of unit vectors, so their norms differ by class; the
+    code scores ``f . p_c`` (not the cosine), and so does ``predict``. Initial prototypes are
+    unit vectors."""
+    model = tiny_model()
+    learner = cope.make(model, cope.Config(buffer_size=8, replay_batch=3, embed_dim=5))
+    hp, bs = cope.HParams(), batches()
+    state = learner.init(jax.random.PRNGKey(0), bs.x[0], hp)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(state.prototypes), axis=1), 1.0,
+                               rtol=1e-6)
+    scales = jnp.asarray([0.2, 1.0, 0.5, 3.0])[:, None]
+    state = state._replace(prototypes=state.prototypes * scales,
+                           seen=jnp.asarray([True, True, True, False]))
+    params = state.net.params
+    _, feats, _ = model.apply(params["net"], {}, bs.x[1], False)
+    f = np.asarray(cope.embed(params["embed"], feats))
+    want = f @ np.asarray(state.prototypes).T
+    got = np.asarray(learner.predict(state, bs.x[1], hp))
+    np.testing.assert_allclose(got[:, :3], want[:, :3], rtol=1e-5)
+    assert np.all(got[:, 3] == cope.UNSEEN)
+
+
+def test_no_optimizer_step_before_two_classes_even_for_adam():
+    """With one class the PPP loss and its gradient are 0, so SGD would not move anyway; Adam
+    would still count a step (and its bias corrections would shift): the gate keeps it out."""
+    model = tiny_model()
+    learner = cope.make(model, cope.Config(buffer_size=8, replay_batch=3, optimizer="adam"))
+    hp, bs = cope.HParams(), batches()
+    state = learner.init(jax.random.PRNGKey(0), bs.x[0], hp)
+    one = step_of(bs, 0)._replace(y=jnp.full((B,), 1, jnp.int32))
+    after, _ = jax.jit(learner.update)(state, one, hp, jax.random.PRNGKey(1))
+    for a, b in zip(jax.tree.leaves(after.net), jax.tree.leaves(state.net), strict=True):
+        np.testing.assert_array_equal(a, b)
+    two = step_of(bs, 1)._replace(y=jnp.asarray([0, 1, 0, 1], jnp.int32))
+    later, _ = jax.jit(learner.update)(after, two, hp, jax.random.PRNGKey(2))
+    counts = [leaf for leaf in jax.tree.leaves(later.net.opt_state) if leaf.dtype == jnp.int32]
+    assert counts and all(int(c) == 1 for c in counts)
+
+
 def test_prototypes_end_nearest_their_own_class_after_a_stream():
     """Two classes of distinct inputs, 40 steps: each class's prototype is closer (cosine) to
     its class's mean embedding than to the other class's, and prediction sorts the inputs."""
@@ -220,3 +259,5 @@ def test_bad_config_is_refused():
         cope.make(tiny_model(), cope.Config(embed_dim=0))
     with pytest.raises(ConfigError, match="replay_batch"):
         cope.make(tiny_model(), cope.Config(buffer_size=4, replay_batch=8))
+    with pytest.raises(ConfigError, match="quota of 0"):
+        cope.make(tiny_model(), cope.Config(buffer_size=3, replay_batch=2))

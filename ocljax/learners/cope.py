@@ -45,7 +45,8 @@ Deviations from the authors' code:
   rows; the code accumulates the replayed rows of all passes and the incoming rows once, and
   moves the prototypes after the last pass. Identical for one pass (the default).
 - On the very first batch (empty memory) the code moves the prototypes twice with the
-  incoming rows (once before the loss, a quirk of its ``pre_loss`` branch); here once.
+  incoming rows (once before the loss, a quirk of its ``pre_loss`` branch), so when that batch
+  already holds two classes its loss sees prototypes moved once; here they move once, after.
 - The memory's deviations are listed in ``ocljax.memory.class_reservoir`` (same distribution
   of what is stored).
 - The code computes the loss in probabilities; here in log space (``log_sigmoid`` and
@@ -188,6 +189,9 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
     cfg = cfg or Config()
     check_config(cfg)
     C, F = model.num_classes, model.feature_dim
+    if cfg.buffer_size < C:
+        raise ConfigError(f"buffer_size={cfg.buffer_size} leaves some of the {C} classes a "
+                          f"quota of 0 rows in CoPE's class-balanced memory: use at least {C}")
     features = backbone_features(model)
 
     def embeddings(params, model_state, x, train):
@@ -227,7 +231,13 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
             loss = ppp_loss(f, y, valid, state.prototypes, seen, hp.temperature)
             return jnp.where(train, loss, 0.0), (jax.lax.stop_gradient(f), model_state)
 
-        net, loss, f = gradient_step(cfg.optimizer, state.net, loss_fn, hp.lr)
+        stepped, loss, f = gradient_step(cfg.optimizer, state.net, loss_fn, hp.lr)
+        # before two classes the code takes no optimizer step (Adam's count does not advance);
+        # the training forward still ran, so BatchNorm's statistics are the new ones
+        keep = lambda new, old: jnp.where(train, new, old)  # noqa: E731
+        net = stepped._replace(params=jax.tree.map(keep, stepped.params, state.net.params),
+                               opt_state=jax.tree.map(keep, stepped.opt_state,
+                                                      state.net.opt_state))
         prototypes = move_prototypes(state.prototypes, f, y, valid, hp.momentum)
         stream_logits = prototype_logits(f[:batch.y.shape[0]], state.prototypes, state.seen)
         state = er.hold(state._replace(net=net, prototypes=prototypes, seen=seen), stream,
