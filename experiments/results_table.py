@@ -31,10 +31,12 @@ from ocljax.run.results import write_atomic
 
 BENCHMARKS = ("split_mnist", "permuted_mnist", "split_fashion_mnist")
 LEARNERS = ("finetune", "finetune@iid", "er", "er_ace", "er_aml", "der", "derpp", "mir", "aser",
-            "gss", "gem", "agem", "rar", "scr", "pcr", "cope", "ocm", "gdumb", "icarl", "lwf",
-            "ewc_online", "mas", "er_ncm")
+            "gss", "gem", "agem", "rar", "scr", "pcr", "cope", "ocm", "onpro", "gdumb", "icarl",
+            "lwf", "ewc_online", "mas", "er_ncm")
+# OCM and OnPro: their Adam learning rates, and 2 seeds (each step costs ~150 ER steps)
 EXTRA = {"gdumb": ["--eval-every", "0"],
-         "ocm": ["--set", "lr=0.001", "--seeds", "2"]}  # Adam's rate; 150x ER's compute
+         "ocm": ["--set", "lr=0.001", "--seeds", "2"],
+         "onpro": ["--set", "lr=0.0005", "--seeds", "2"]}
 ANCHOR = "agem_pmnist"
 # the anchor's run directories under the root: the preset's settings (5 seeds, then 10), then
 # three variations
@@ -181,7 +183,8 @@ HEADER = """# Reproduction table
 
 Produced by `python -m experiments.results_table --data-dir ../shared/data` (one
 `python -m experiments.BENCHMARK --learner NAME` run per row, listed below the tables) on the
-machine named at the end. Every row is 5 seeds; mean ± std over seeds.
+machine named at the end. Every row is 5 seeds (OCM and OnPro: 2, each of their steps costs
+about 150 of ER's); mean ± std over seeds.
 
 - **final acc**: average accuracy over all tasks after the last task; **anytime acc**: average
   over the stream of the accuracy on the tasks seen so far, each continual evaluation weighted
@@ -195,7 +198,7 @@ machine named at the end. Every row is 5 seeds; mean ± std over seeds.
   classes, all training images, batch 10, one pass, MLP 784-256-256-10, SGD lr 0.1, task-free;
   permuted MNIST is 10 tasks of 1,000 images each (GEM's protocol), batch 10, one pass.
   Replay methods use a 1,000-sample memory (500 on permuted MNIST) unless their docstring
-  says otherwise.
+  says otherwise. OCM and OnPro train with Adam at their authors' rates (1e-3, 5e-4).
 """
 
 
