@@ -70,7 +70,13 @@ from ocljax import optim
 from ocljax.errors import ConfigError
 from ocljax.learners import er
 from ocljax.learners.er_ncm import unit_rows
-from ocljax.learners.supervised import NetState, backbone_features, gradient_step, online_logits
+from ocljax.learners.supervised import (
+    NetState,
+    backbone_features,
+    backbone_probe,
+    gradient_step,
+    online_logits,
+)
 from ocljax.memory import class_reservoir
 from ocljax.types import Array, Batch, Learner, Model, identity_prepare_eval
 
@@ -250,10 +256,5 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
         f, _ = embeddings(state.net.params, state.net.model_state, x, False)
         return prototype_logits(f, state.prototypes, state.seen)
 
-    def probe_features(state: State, x, hp: HParams) -> Array:
-        """Evaluation-mode backbone features [N, F] (before the embedding layer), for probes."""
-        del hp
-        return features(state.net.params, state.net.model_state, x, False)[0]
-
     return Learner(init, update, predict, identity_prepare_eval, HParams(),
-                   features=probe_features)
+                   features=backbone_probe(model))

@@ -78,14 +78,15 @@ from ocljax import augment as aug
 from ocljax.errors import ConfigError, require_positive, unknown_choice
 from ocljax.learners import er
 from ocljax.learners.er_ncm import unit_rows
-from ocljax.learners.supervised import NetState
+from ocljax.learners.supervised import NetState, backbone_probe, online_logits
 from ocljax.losses import cross_entropy
 from ocljax.memory import reservoir
 from ocljax.types import Array, Batch, Learner, Model, identity_prepare_eval
 
-__all__ = ["Config", "HParams", "State", "TASK_FREE_HINT", "check_config", "contrast_terms",
-           "contrast_new", "contrast_all", "make", "requires_boundaries", "similarity",
-           "transform"]
+__all__ = ["Config", "HParams", "State", "TASK_FREE_HINT", "check_config", "check_fits",
+           "classifier_learner", "contrast_all", "contrast_new", "contrast_terms", "copy_labels",
+           "init_net", "make", "optimizer", "optimizer_step", "projections",
+           "requires_boundaries", "similarity", "transform", "window_offset"]
 
 TASK_FREE_HINT = "use scr or pcr (contrastive replay without task boundaries) or er"
 TRANSFORMS = {"halves": 16, "rotations": 4}
@@ -233,6 +234,69 @@ def contrast_all(s: Array, row_labels: Array, col_labels: Array, valid: Array,
     return _row_mean((w * ell).sum(1), valid)
 
 
+def check_fits(model: Model, cfg, method: str) -> None:
+    """``ConfigError`` unless ``model``'s features are at least ``cfg.proj_dim`` wide (the
+    similarity compares projections with a window of the features)."""
+    if model.feature_dim < cfg.proj_dim:
+        raise ConfigError(
+            f"{method} compares projections with a {cfg.proj_dim}-wide window of the features, "
+            f"but this model has {model.feature_dim} features: set proj_dim <= "
+            f"{model.feature_dim}")
+
+
+def projections(model: Model):
+    """``forward(params, model_state, x, train) -> (logits, h, z, model_state)`` for
+    parameters ``{"net", "head"}``: the network's logits, its L2-normalised features ``h`` and
+    the L2-normalised projections ``z`` of the linear head."""
+
+    def forward(params, model_state, x, train):
+        logits, h, model_state = model.apply(params["net"], model_state, x, train)
+        h = h.astype(jnp.float32)
+        z = h @ params["head"]["w"] + params["head"]["b"]
+        return logits, unit_rows(h), unit_rows(z), model_state
+
+    return forward
+
+
+def init_net(model: Model, cfg, key: Array, x: Array, lr) -> NetState:
+    """The network (``model.init(key, x)``, as ER's for the same key; ``x`` square images) and
+    a Linear(F, ``cfg.proj_dim``) head with PyTorch's ``nn.Linear`` initialisation, as the
+    code's, with the state of ``optimizer(cfg, lr)``."""
+    if x.shape[1] != x.shape[2]:
+        raise ConfigError(f"the copies rotate images by 90 degrees: they must be square, got "
+                          f"{x.shape[1]}x{x.shape[2]}")
+    params, model_state = model.init(key, x)
+    f, p = model.feature_dim, cfg.proj_dim
+    bound = 1.0 / jnp.sqrt(f)
+    kw, kb = jax.random.split(jax.random.fold_in(key, 1))
+    head = {"w": jax.random.uniform(kw, (f, p), jnp.float32, -bound, bound),
+            "b": jax.random.uniform(kb, (p,), jnp.float32, -bound, bound)}
+    params = {"net": params, "head": head}
+    return NetState(params, model_state, optimizer(cfg, lr).init(params))
+
+
+def optimizer_step(cfg, net: NetState, loss_fn, lr) -> tuple[NetState, Array, tuple]:
+    """One ``optimizer(cfg, lr)`` step on ``loss_fn(params) -> (loss, (*aux, model_state))``:
+    ``(net, loss, aux)``."""
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(net.params)
+    *aux, model_state = aux
+    updates, opt_state = optimizer(cfg, lr).update(grads, net.opt_state, net.params)
+    return NetState(optax.apply_updates(net.params, updates), model_state, opt_state), loss, aux
+
+
+def classifier_learner(model: Model, init, update, hparams) -> Learner:
+    """The ``Learner`` of a method trained with a head beside the network (parameters
+    ``{"net", "head"}``) that predicts with the network's own classifier: evaluation-mode
+    logits, and backbone features for probes."""
+
+    def predict(state, x: Array, hp) -> Array:
+        del hp
+        return model.apply(state.net.params["net"], state.net.model_state, x, False)[0]
+
+    return Learner(init, update, predict, identity_prepare_eval, hparams,
+                   features=backbone_probe(model))
+
+
 def make(model: Model, cfg: Config | None = None) -> Learner:
     """OCM learner for ``model``: transformed-copy contrastive losses, the previous task's model
     on the memory, cross-entropy on the memory, Adam."""
@@ -240,33 +304,18 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
     check_config(cfg)
     C, F, P = model.num_classes, model.feature_dim, cfg.proj_dim
     K = TRANSFORMS[cfg.transforms]
-    if F < P:
-        raise ConfigError(f"OCM compares projections with a {P}-wide window of the features, "
-                          f"but this model has {F} features: set proj_dim <= {F}")
+    check_fits(model, cfg, "OCM")
+    forward = projections(model)
 
     def crop(key, x):
         return aug.random_resized_crop(key, x, (cfg.crop_scale, 1.0))
 
-    def forward(params, model_state, x, train):
-        logits, h, model_state = model.apply(params["net"], model_state, x, train)
-        z = h.astype(jnp.float32) @ params["head"]["w"] + params["head"]["b"]
-        return logits, unit_rows(h.astype(jnp.float32)), unit_rows(z), model_state
-
     def init(key, x, hp: HParams) -> State:
-        if x.shape[1] != x.shape[2]:
-            raise ConfigError(f"OCM rotates images by 90 degrees: they must be square, got "
-                              f"{x.shape[1]}x{x.shape[2]}")
-        params, model_state = model.init(key, x)  # same network as er's for the same key
-        bound = 1.0 / jnp.sqrt(F)  # PyTorch's nn.Linear default, as the code's head
-        kw, kb = jax.random.split(jax.random.fold_in(key, 1))
-        head = {"w": jax.random.uniform(kw, (F, P), jnp.float32, -bound, bound),
-                "b": jax.random.uniform(kb, (P,), jnp.float32, -bound, bound)}
-        params = {"net": params, "head": head}
-        net = NetState(params, model_state, optimizer(cfg, hp.lr).init(params))
+        net = init_net(model, cfg, key, x, hp.lr)
         example = {"x": x, "y": jnp.zeros((x.shape[0],), jnp.int32)}
         return State(net=net, buffer=reservoir.init(cfg.buffer_size, example),
                      pending=jax.tree.map(jnp.zeros_like, example),
-                     pending_valid=jnp.zeros((x.shape[0],), bool), previous=params,
+                     pending_valid=jnp.zeros((x.shape[0],), bool), previous=net.params,
                      tasks_done=jnp.zeros((), jnp.int32), seen=jnp.zeros((C,), bool))
 
     def update(state: State, batch: Batch, hp: HParams, key):
@@ -319,25 +368,9 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
             loss = ce + l_new + jnp.where(later, l_buf + l_pre, 0.0)
             return loss, (logits[-b:], model_state)
 
-        (loss, (stream_logits, model_state)), grads = jax.value_and_grad(
-            loss_fn, has_aux=True)(state.net.params)
-        updates, opt_state = optimizer(cfg, hp.lr).update(grads, state.net.opt_state,
-                                                          state.net.params)
-        net = NetState(optax.apply_updates(state.net.params, updates), model_state, opt_state)
+        net, loss, (stream_logits,) = optimizer_step(cfg, state.net, loss_fn, hp.lr)
         state = state._replace(net=net, previous=previous, tasks_done=tasks_done, seen=seen)
         state = er.hold(state, stream, batch.fresh)
-        online = None if jax.tree.leaves(model_state) else stream_logits
-        return state, {"loss": loss, "stream_logits": online}
+        return state, {"loss": loss, "stream_logits": online_logits(net, stream_logits)}
 
-    def predict(state: State, x, hp: HParams) -> Array:
-        """The network's own classifier on clean inputs [N, C], evaluation mode."""
-        del hp
-        return model.apply(state.net.params["net"], state.net.model_state, x, False)[0]
-
-    def probe_features(state: State, x, hp: HParams) -> Array:
-        """Evaluation-mode backbone features [N, F], for probes."""
-        del hp
-        return model.apply(state.net.params["net"], state.net.model_state, x, False)[1]
-
-    return Learner(init, update, predict, identity_prepare_eval, HParams(),
-                   features=probe_features)
+    return classifier_learner(model, init, update, HParams())

@@ -76,11 +76,11 @@ from ocljax import augment as aug
 from ocljax.errors import ConfigError
 from ocljax.learners import er, ocm
 from ocljax.learners.er_ncm import unit_rows
-from ocljax.learners.supervised import NetState
+from ocljax.learners.supervised import NetState, online_logits
 from ocljax.losses import cross_entropy
 from ocljax.memory import reservoir
 from ocljax.models.adapter import to_float
-from ocljax.types import Array, Batch, Learner, Model, identity_prepare_eval
+from ocljax.types import Array, Batch, Learner, Model
 
 __all__ = ["Config", "HParams", "State", "TASK_FREE_HINT", "base_mixup", "check_config",
            "feedback_rows", "make", "ope_loss", "pair_counts", "requires_boundaries"]
@@ -263,23 +263,17 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
     C, F, P = model.num_classes, model.feature_dim, cfg.proj_dim
     K = ocm.TRANSFORMS[cfg.transforms]
     R = cfg.replay_max
-    if F < P:
-        raise ConfigError(f"OnPro compares projections with a {P}-wide window of the features, "
-                          f"but this model has {F} features: set proj_dim <= {F}")
-
-    def forward(params, model_state, x, train):
-        logits, h, model_state = model.apply(params["net"], model_state, x, train)
-        z = h.astype(jnp.float32) @ params["head"]["w"] + params["head"]["b"]
-        return logits, unit_rows(h.astype(jnp.float32)), unit_rows(z), model_state
+    ocm.check_fits(model, cfg, "OnPro")
+    forward = ocm.projections(model)
 
     def init(key, x, hp: HParams) -> State:
-        state = ocm.make(model, ocm.Config(buffer_size=cfg.buffer_size, replay_max=R,
-                                           proj_dim=P, optimizer=cfg.optimizer,
-                                           adam_b2=cfg.adam_b2,
-                                           weight_decay=cfg.weight_decay)).init(key, x, hp)
-        return State(net=state.net, buffer=state.buffer, pending=state.pending,
-                     pending_valid=state.pending_valid, tasks_done=state.tasks_done,
-                     seen=state.seen, class_means=jnp.zeros((C, P), jnp.float32),
+        example = {"x": x, "y": jnp.zeros((x.shape[0],), jnp.int32)}
+        return State(net=ocm.init_net(model, cfg, key, x, hp.lr),
+                     buffer=reservoir.init(cfg.buffer_size, example),
+                     pending=jax.tree.map(jnp.zeros_like, example),
+                     pending_valid=jnp.zeros((x.shape[0],), bool),
+                     tasks_done=jnp.zeros((), jnp.int32), seen=jnp.zeros((C,), bool),
+                     class_means=jnp.zeros((C, P), jnp.float32),
                      class_means_valid=jnp.zeros((C,), bool))
 
     def update(state: State, batch: Batch, hp: HParams, key):
@@ -349,29 +343,14 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
             loss = (jnp.where(later, ce_later + ins_mem, ce_first) + ins + ope_new + ope_seen)
             return loss, (logits[-b:], means, present, model_state)
 
-        (loss, (stream_logits, means, present, model_state)), grads = jax.value_and_grad(
-            loss_fn, has_aux=True)(state.net.params)
-        tx = ocm.optimizer(cfg, hp.lr)
-        updates, opt_state = tx.update(grads, state.net.opt_state, state.net.params)
-        net = NetState(optax.apply_updates(state.net.params, updates), model_state, opt_state)
+        net, loss, (stream_logits, means, present) = ocm.optimizer_step(cfg, state.net,
+                                                                        loss_fn, hp.lr)
         has_read = proto_rows.any()  # the code updates the prototypes whenever it reads
         state = state._replace(
             net=net, tasks_done=tasks_done, seen=seen,
             class_means=jnp.where(has_read, means, state.class_means),
             class_means_valid=jnp.where(has_read, present, state.class_means_valid))
         state = er.hold(state, {"x": batch.x, "y": batch.y}, batch.fresh)
-        online = None if jax.tree.leaves(model_state) else stream_logits
-        return state, {"loss": loss, "stream_logits": online}
+        return state, {"loss": loss, "stream_logits": online_logits(net, stream_logits)}
 
-    def predict(state: State, x, hp: HParams) -> Array:
-        """The network's own classifier [N, C], evaluation mode."""
-        del hp
-        return model.apply(state.net.params["net"], state.net.model_state, x, False)[0]
-
-    def probe_features(state: State, x, hp: HParams) -> Array:
-        """Evaluation-mode backbone features [N, F], for probes."""
-        del hp
-        return model.apply(state.net.params["net"], state.net.model_state, x, False)[1]
-
-    return Learner(init, update, predict, identity_prepare_eval, HParams(),
-                   features=probe_features)
+    return ocm.classifier_learner(model, init, update, HParams())

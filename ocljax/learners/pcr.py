@@ -70,7 +70,13 @@ from ocljax import augment as aug
 from ocljax import optim
 from ocljax.learners import er
 from ocljax.learners.er_ncm import unit_rows
-from ocljax.learners.supervised import NetState, backbone_features, gradient_step, online_logits
+from ocljax.learners.supervised import (
+    NetState,
+    backbone_features,
+    backbone_probe,
+    gradient_step,
+    online_logits,
+)
 from ocljax.types import Array, Batch, Learner, Model, identity_prepare_eval
 
 __all__ = ["Config", "HParams", "State", "check_config", "cosine_logits", "init_proxies",
@@ -169,10 +175,5 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
         feats, _ = features(state.net.params, state.net.model_state, x, False)
         return cosine_logits(feats, state.net.params["proxies"], hp.temperature)
 
-    def probe_features(state: State, x, hp: HParams) -> Array:
-        """Evaluation-mode backbone features [N, F], for probes."""
-        del hp
-        return features(state.net.params, state.net.model_state, x, False)[0]
-
     return Learner(init, update, predict, identity_prepare_eval, HParams(),
-                   features=probe_features)
+                   features=backbone_probe(model))

@@ -75,7 +75,7 @@ from ocljax import optim
 from ocljax.errors import ConfigError
 from ocljax.learners import er
 from ocljax.learners.er_ncm import class_means, nearest_mean_logits, normalise
-from ocljax.learners.supervised import NetState, backbone_features, gradient_step
+from ocljax.learners.supervised import NetState, backbone_features, backbone_probe, gradient_step
 from ocljax.memory import reservoir
 from ocljax.types import Array, Batch, Learner, Model
 
@@ -240,9 +240,4 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
         feats, _ = features(state.net.params, state.net.model_state, x, False)
         return nearest_mean_logits(feats, state.means, state.has_mean)
 
-    def probe_features(state: State, x, hp: HParams) -> Array:
-        """Evaluation-mode backbone features [N, F] (before the projection head), for probes."""
-        del hp
-        return features(state.net.params, state.net.model_state, x, False)[0]
-
-    return Learner(init, update, predict, prepare_eval, HParams(), features=probe_features)
+    return Learner(init, update, predict, prepare_eval, HParams(), features=backbone_probe(model))

@@ -134,6 +134,19 @@ def backbone_features(model: Model) -> Callable[..., tuple[Array, PyTree]]:
     return features
 
 
+def backbone_probe(model: Model) -> Callable[..., Array]:
+    """``features(state, x [N, ...], hp) -> [N, F]`` for ``Learner.features`` of a learner
+    whose parameters are ``{"net": model parameters, ...}`` (``backbone_features``): the
+    network's evaluation-mode penultimate features, before any head of the method's own."""
+    features = backbone_features(model)
+
+    def probe(state, x: Array, hp) -> Array:
+        del hp
+        return features(state.net.params, state.net.model_state, x, False)[0]
+
+    return probe
+
+
 def net_learner(model: Model, init: Callable[..., PyTree], update: Callable, hparams) -> Learner:
     """The ``Learner`` of a method whose state is a ``NetState`` or holds one as ``state.net``
     and that evaluates that network as it is: the method's own ``init`` and ``update``, with
