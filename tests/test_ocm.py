@@ -150,7 +150,7 @@ def test_step_losses_take_the_rows_the_code_gives_them_across_a_boundary(monkeyp
     """Task 0: cross-entropy on the incoming rows plus L_new; from the boundary on, the memory
     terms join (L_buf, L_pre against the snapshot taken at the boundary) and the
     cross-entropy moves to the memory rows; the snapshot is not trained."""
-    monkeypatch.setattr(ocm.aug, "random_resized_crop", lambda key, x, scale: 255 - x)
+    monkeypatch.setattr(ocm.aug, "augment", lambda key, x, spec: 255 - x)
     model = tiny_model()
     cfg = ocm.Config(buffer_size=16, replay_max=6, replay_per_class=2, proj_dim=8,
                      weight_decay=0.0)

@@ -213,3 +213,15 @@ def test_bad_settings_are_refused():
         onpro.make(tiny_model(), onpro.Config(augment="blur", proj_dim=8))
     assert onpro.crop_spec(onpro.Config(), 1) == "rrc30"
     assert onpro.crop_spec(onpro.Config(), 3) == "flip,gray25,rrc30"
+    assert onpro.crop_spec(onpro.Config(augment="flip,rrc50"), 1) == "flip,rrc50"
+
+
+def test_on_a_permuted_stream_the_crop_is_dropped_and_a_note_warns():
+    from ocljax import learners, streams
+
+    for name, module in (("ocm", ocm), ("onpro", onpro)):
+        cfg, note = learners.fit_augment_to_stream(name, module.Config(), "permuted", False)
+        assert not onpro.aug.moves_pixels(cfg.augment) and "permuted" in note
+        stream = streams.StreamConfig(kind="permuted")
+        assert "permuted" in module.stream_note(cfg, stream)
+        assert module.stream_note(cfg, streams.StreamConfig(kind="split")) is None

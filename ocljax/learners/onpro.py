@@ -52,9 +52,10 @@ Deviations from the authors' code:
 - The memory is ocljax's exact reservoir; the crop is ``ocljax.augment``'s (bilinear, inside
   the image; the code's samples with reflection padding); the code's mixed precision is not
   reproduced.
-- ``augment="auto"``: the code's CIFAR pipeline (flip, grayscale with probability 0.25,
-  resized crop of area 0.3-1) on colour images; on single-channel images only the resized
-  crop, OCM's MNIST pipeline (OnPro's copies come from OCM; the code has no MNIST setting).
+- ``augment``: the code's CIFAR pipeline (flip, grayscale with probability 0.25, resized crop
+  of area 0.3-1) by default; on single-channel images the default is the resized crop alone,
+  OCM's MNIST pipeline (OnPro's copies come from OCM; the code has no MNIST setting). On a
+  permuted stream the command line keeps only its pixel-free part (``stream_note`` warns).
 
 Defaults: the authors' CIFAR-10 command line (``main.py``): Adam ``lr`` 5e-4, temperature 0.07,
 ``proto_temperature`` 0.5, ``sim_lambda`` 0.5 (1.0 for CIFAR-100 and TinyImageNet, with
@@ -83,7 +84,8 @@ from ocljax.models.adapter import to_float
 from ocljax.types import Array, Batch, Learner, Model
 
 __all__ = ["Config", "HParams", "State", "TASK_FREE_HINT", "base_mixup", "check_config",
-           "feedback_rows", "make", "ope_loss", "pair_counts", "requires_boundaries"]
+           "crop_spec", "feedback_rows", "make", "ope_loss", "pair_counts",
+           "requires_boundaries", "stream_note"]
 
 TASK_FREE_HINT = "use scr or pcr (contrastive replay without task boundaries) or er"
 
@@ -94,7 +96,7 @@ class Config:
     replay_max: int = 64  # most memory rows read per step
     replay_per_class: int = 7  # memory rows read per class seen
     transforms: str = "halves"  # OCM's copies: "halves" (16) | "rotations" (4)
-    augment: str = "auto"  # ocljax.augment spec of the crop views; "auto": module docstring
+    augment: str = "flip,gray25,rrc30"  # crop views (ocljax.augment spec; module docstring)
     proj_dim: int = 128
     sim_lambda: float = 0.5  # weight of the similarities after the first task
     mixup_p: float = 0.6
@@ -142,16 +144,19 @@ def check_config(cfg: Config) -> None:
     for name in ("mixup_p", "mixup_base_rate", "mixup_upper"):
         if not 0.0 <= getattr(cfg, name) <= 1.0:
             raise ConfigError(f"{name} must be in [0, 1], got {getattr(cfg, name)}")
-    if cfg.augment != "auto":
-        aug.parse(cfg.augment)
+    aug.parse(cfg.augment)
+
+
+DEFAULT_AUGMENT = "flip,gray25,rrc30"  # the code's CIFAR pipeline
+stream_note = ocm.stream_note  # the copies move pixels: a warning on permuted streams
 
 
 def crop_spec(cfg: Config, channels: int) -> str:
-    """The augmentation of the second view: ``cfg.augment``, or for ``"auto"`` the code's
-    CIFAR pipeline on colour images and a resized crop alone on single-channel ones."""
-    if cfg.augment != "auto":
-        return cfg.augment
-    return "flip,gray25,rrc30" if channels == 3 else "rrc30"
+    """The augmentation of the second view: ``cfg.augment``; the default on single-channel
+    images is the resized crop alone (OCM's MNIST pipeline)."""
+    if cfg.augment == DEFAULT_AUGMENT and channels != 3:
+        return "rrc30"
+    return cfg.augment
 
 
 def ope_loss(z1: Array, z2: Array, labels: Array, valid: Array, num_classes: int,
