@@ -128,15 +128,16 @@ def reference_loss(model, cfg, state, batch, hp, key):
         return logits, unit(h), unit(z)
 
     params = state.net.params
+    k = ocm.TRANSFORMS[cfg.transforms]
     copies = ocm.transform(batch.x, cfg.transforms)
     _, h, z = proj(params, jnp.concatenate([copies, 255 - copies]))
-    labels = ocm.copy_labels(batch.y, 16, C)
+    labels = ocm.copy_labels(batch.y, k, C)
     loss = float(ocm.contrast_new(ocm.similarity(z, h, off1), labels, hp.temperature))
     if not later:
         logits, _, _ = proj(params, 255 - batch.x)
         return loss + float(cross_entropy(logits, batch.y)), mask
     mem_copies = ocm.transform(mem_x, cfg.transforms)
-    mem_labels = np.asarray(ocm.copy_labels(mem_y, 16, C))
+    mem_labels = np.asarray(ocm.copy_labels(mem_y, k, C))
     _, hm, zm = proj(params, jnp.concatenate([mem_copies, 255 - mem_copies]))
     both = np.tile(mem_labels, 2)
     loss += code_nt_xent_uni(ocm.similarity(zm, hm, off2), both, hp.temperature)
@@ -153,7 +154,7 @@ def test_step_losses_take_the_rows_the_code_gives_them_across_a_boundary(monkeyp
     monkeypatch.setattr(ocm.aug, "augment", lambda key, x, spec: 255 - x)
     model = tiny_model()
     cfg = ocm.Config(buffer_size=16, replay_max=6, replay_per_class=2, proj_dim=8,
-                     weight_decay=0.0)
+                     weight_decay=0.0, transforms="rotations")  # the copies: tested above
     hp = ocm.HParams()
     learner = ocm.make(model, cfg)
     bs = batches(n=6)
@@ -179,7 +180,8 @@ def test_step_losses_take_the_rows_the_code_gives_them_across_a_boundary(monkeyp
 
 def test_seen_classes_and_prediction_by_the_network_classifier():
     model = tiny_model()
-    cfg = ocm.Config(buffer_size=16, replay_max=6, replay_per_class=2, proj_dim=8)
+    cfg = ocm.Config(buffer_size=16, replay_max=6, replay_per_class=2, proj_dim=8,
+                     transforms="rotations")
     learner = ocm.make(model, cfg)
     hp = ocm.HParams()
     bs = batches(n=6)
@@ -214,7 +216,8 @@ def test_gradients_stay_finite_at_a_low_temperature_with_an_empty_memory():
         g = jax.grad(lambda a, m=mask: ocm.contrast_all(a, labels, labels, m, 0.01))(s)
         assert np.isfinite(np.asarray(g)).all()
     model = tiny_model()
-    learner = ocm.make(model, ocm.Config(buffer_size=16, replay_max=6, proj_dim=8))
+    learner = ocm.make(model, ocm.Config(buffer_size=16, replay_max=6, proj_dim=8,
+                                         transforms="rotations"))
     hp = ocm.HParams(temperature=0.01)
     bs = batches()
     state = learner.init(jax.random.PRNGKey(0), bs.x[0], hp)

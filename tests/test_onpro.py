@@ -75,7 +75,7 @@ def test_base_mixup_pairs_used_rows_among_themselves():
     def draw(key):
         return onpro.base_mixup(key, x, y, use, 1.0, 0.6)
 
-    xs, partners, lam = jax.vmap(draw)(jax.random.split(jax.random.PRNGKey(0), 300))
+    xs, partners, lam = jax.jit(jax.vmap(draw))(jax.random.split(jax.random.PRNGKey(0), 300))
     partners, lam = np.asarray(partners), np.asarray(lam)
     assert np.all(lam[:, 5:] == 0.0) and np.all((lam[:, :5] >= 0) & (lam[:, :5] < 0.6))
     for row in partners[:, :5]:
@@ -84,7 +84,7 @@ def test_base_mixup_pairs_used_rows_among_themselves():
         lam[:, :, None, None, None] * np.asarray(x)[partners]
     np.testing.assert_allclose(np.asarray(xs), want, rtol=1e-6)
     # p = 0.6: the group is left alone 40% of the time, each row of a mixed group 40%
-    _, _, lam = jax.vmap(lambda k: onpro.base_mixup(k, x, y, use, 0.6, 0.6))(
+    _, _, lam = jax.jit(jax.vmap(lambda k: onpro.base_mixup(k, x, y, use, 0.6, 0.6)))(
         jax.random.split(jax.random.PRNGKey(1), 2000))
     untouched = (np.asarray(lam)[:, :5] == 0).all(1).mean()
     assert 0.4 < untouched < 0.47  # 0.4 + 0.6 * 0.4^5
@@ -121,8 +121,9 @@ def test_guided_feedback_mixes_memory_rows_of_the_paired_classes():
     x = jnp.full((8, 2, 2, 1), 0.5, jnp.float32)
     y = jnp.zeros((8,), jnp.int32)
     read = jnp.arange(8) < 8
-    out, y_a, y_b, lam = onpro.feedback_rows(jax.random.PRNGKey(1), cfg, buffer, x, y, read, 8,
-                                             means, jnp.ones(3, bool))
+    feedback = jax.jit(onpro.feedback_rows, static_argnums=1)
+    out, y_a, y_b, lam = feedback(jax.random.PRNGKey(1), cfg, buffer, x, y, read, 8, means,
+                                  jnp.ones(3, bool))
     out, y_a, y_b, lam = map(np.asarray, (out, y_a, y_b, lam))
     guided = slice(4, 8)
     assert set(zip(y_a[guided], y_b[guided], strict=True)) == {(0, 2)}
@@ -157,10 +158,11 @@ def reference_loss(model, cfg, state, batch, hp, key):
         return logits, unit(h), unit(z)
 
     x_in = to_float(batch.x)
-    copies = ocm.transform(x_in, "halves")
+    k = ocm.TRANSFORMS[cfg.transforms]
+    copies = ocm.transform(x_in, cfg.transforms)
     _, h, z = proj(jnp.concatenate([copies, 1 - copies]))
     weight = cfg.sim_lambda if later else 1.0
-    labels = ocm.copy_labels(batch.y.astype(jnp.float32), 16, C)
+    labels = ocm.copy_labels(batch.y.astype(jnp.float32), k, C)
     loss = float(ocm.contrast_new(ocm.similarity(z, h, off1, weight), labels, hp.temperature))
     half = len(z) // 2
     loss += float(onpro.ope_loss(z[:4], z[half:half + 4], batch.y, jnp.ones(4, bool), C,
@@ -171,9 +173,9 @@ def reference_loss(model, cfg, state, batch, hp, key):
                                      jnp.ones(len(keep), bool), C, hp.proto_temperature)[0])
     if not later:
         return loss + float(cross_entropy(proj(1 - x_in)[0], batch.y))
-    mem_copies = ocm.transform(mem_x, "halves")
+    mem_copies = ocm.transform(mem_x, cfg.transforms)
     _, hm, zm = proj(jnp.concatenate([mem_copies, 1 - mem_copies]))
-    both = jnp.tile(ocm.copy_labels(mem_y.astype(jnp.float32), 16, C), 2)
+    both = jnp.tile(ocm.copy_labels(mem_y.astype(jnp.float32), k, C), 2)
     loss += float(ocm.contrast_all(ocm.similarity(zm, hm, off2, weight), both, both,
                                    jnp.ones(len(both), bool), hp.temperature))
     return loss + float(cross_entropy(proj(1 - mem_x)[0], mem_y))
@@ -185,7 +187,7 @@ def test_step_losses_take_the_rows_the_code_gives_them_across_a_boundary(monkeyp
                         lambda key, cfg, buffer, x, y, read, n, m, v: (x, y, y, 0.0 * y))
     model = tiny_model()
     cfg = onpro.Config(buffer_size=16, replay_max=6, replay_per_class=2, proj_dim=8,
-                       weight_decay=0.0)
+                       weight_decay=0.0, transforms="rotations")  # copies: tests of OCM
     hp = onpro.HParams()
     learner = onpro.make(model, cfg)
     bs = batches(n=6)
