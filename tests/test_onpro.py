@@ -7,6 +7,7 @@ and the cross-entropy moving to the fed-back memory after the first task."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from test_learner_contract import batches, step_of
 
@@ -103,6 +104,10 @@ def test_pair_counts_favour_the_closest_classes_and_sum_to_n():
     a, b, counts = onpro.pair_counts(jax.random.PRNGKey(3), means, valid, 16)
     got = {(int(i), int(j)): int(c) for i, j, c in zip(a, b, counts, strict=True)}
     assert got[(0, 1)] == 16 and abs(16 * p[0] - 16) < 1
+    equal = jnp.asarray([[0.0, 0.0], [1.0, 0.0], [0.5, np.sqrt(0.75)]])  # equidistant
+    for n, key in ((7, 5), (8, 6)):  # round(7/3) * 3 = 6 and round(8/3) * 3 = 9: fixed to n
+        _, _, counts = onpro.pair_counts(jax.random.PRNGKey(key), equal, jnp.ones(3, bool), n)
+        assert int(counts.sum()) == n and set(np.asarray(counts).tolist()) <= {2, 3}
     _, _, none = onpro.pair_counts(jax.random.PRNGKey(4), means, jnp.asarray(
         [True, False, False, False]), 5)
     assert int(np.asarray(none).sum()) == 0  # no pair of known classes: no guided rows
@@ -118,8 +123,9 @@ def test_guided_feedback_mixes_memory_rows_of_the_paired_classes():
                            jax.random.PRNGKey(0))
     cfg = onpro.Config(buffer_size=12, replay_max=8, mixup_p=1.0, mixup_base_rate=0.5)
     means = jnp.asarray([[0.0, 0.0], [5.0, 0.0], [0.0, 0.05]])  # classes 0 and 2 closest
-    x = jnp.full((8, 2, 2, 1), 0.5, jnp.float32)
-    y = jnp.zeros((8,), jnp.int32)
+    x = jnp.full((8, 2, 2, 1), 0.5, jnp.float32).at[:4].set(
+        jnp.asarray([0.1, 0.2, 0.3, 0.4])[:, None, None, None])
+    y = jnp.asarray([0, 1, 2, 0, 1, 1, 1, 1], jnp.int32)
     read = jnp.arange(8) < 8
     feedback = jax.jit(onpro.feedback_rows, static_argnums=1)
     out, y_a, y_b, lam = feedback(jax.random.PRNGKey(1), cfg, buffer, x, y, read, 8, means,
@@ -129,13 +135,19 @@ def test_guided_feedback_mixes_memory_rows_of_the_paired_classes():
     assert set(zip(y_a[guided], y_b[guided], strict=True)) == {(0, 2)}
     want = ((1 - lam[guided]) * y_a[guided] * 100 + lam[guided] * y_b[guided] * 100) / 255
     np.testing.assert_allclose(out[guided, 0, 0, 0], want, rtol=1e-5)
-    np.testing.assert_array_equal(y_a[:4], 0)  # base rows keep their own label first
-    np.testing.assert_allclose(out[:4], 0.5)  # mixing 0.5 with 0.5
+    np.testing.assert_array_equal(y_a[:4], [0, 1, 2, 0])  # base rows keep their own label
+    base_x = np.asarray(x)[:4, 0, 0, 0]
+    assert set(y_b[:4].tolist()) <= {0, 1, 2}  # partners among the base rows
+    for i in range(4):  # (1 - lam) x_i + lam x_partner, the partner one of the base rows
+        options = [(1 - lam[i]) * base_x[i] + lam[i] * base_x[j] for j in range(4)
+                   if int(np.asarray(y)[j]) == int(y_b[i])]
+        assert min(abs(out[i, 0, 0, 0] - o) for o in options) < 1e-5
 
 
-def reference_loss(model, cfg, state, batch, hp, key):
-    """OnPro's loss of one step from the module's pieces, with crops replaced by ``1 - x``
-    and feedback off (``feedback_rows`` returns the read rows)."""
+def reference_loss(model, cfg, state, batch, hp, key, feedback=False):
+    """OnPro's loss of one step from the module's pieces, with crops replaced by ``1 - x``;
+    with ``feedback`` the memory rows of later tasks but their first batch go through
+    ``feedback_rows`` (with the step's key), else they are the rows read."""
     keys = jax.random.split(key, 8)
     state = er.flush(state, keys[0], batch.fresh)
     later = int(state.tasks_done + batch.boundary) > 0
@@ -173,12 +185,28 @@ def reference_loss(model, cfg, state, batch, hp, key):
                                      jnp.ones(len(keep), bool), C, hp.proto_temperature)[0])
     if not later:
         return loss + float(cross_entropy(proj(1 - x_in)[0], batch.y))
+    y_a = y_b = mem_y
+    lam = jnp.zeros(len(keep))
+    if feedback and not bool(batch.boundary):
+        read = jnp.asarray(np.asarray(stored) & (np.arange(R) < n_read))
+        full = er.with_filler({"x": to_float(state.buffer.data["x"][idx]),
+                               "y": state.buffer.data["y"][idx]}, stored,
+                              {"x": x_in, "y": batch.y})
+        fed = onpro.feedback_rows(keys[2], cfg, state.buffer, full["x"], full["y"], read,
+                                  n_read, state.class_means, state.class_means_valid)
+        at = np.flatnonzero(np.asarray(read))
+        mem_x, y_a, y_b, lam = (a[at] for a in fed)
+        assert float(jnp.abs(lam).sum()) > 0  # something was mixed
+    blend = (1 - lam) * y_a + lam * y_b
     mem_copies = ocm.transform(mem_x, cfg.transforms)
     _, hm, zm = proj(jnp.concatenate([mem_copies, 1 - mem_copies]))
-    both = jnp.tile(ocm.copy_labels(mem_y.astype(jnp.float32), k, C), 2)
+    both = jnp.tile(ocm.copy_labels(blend, k, C), 2)
     loss += float(ocm.contrast_all(ocm.similarity(zm, hm, off2, weight), both, both,
                                    jnp.ones(len(both), bool), hp.temperature))
-    return loss + float(cross_entropy(proj(1 - mem_x)[0], mem_y))
+    logits = proj(1 - mem_x)[0]
+    ce = (1 - lam) * optax.softmax_cross_entropy_with_integer_labels(logits, y_a) + \
+        lam * optax.softmax_cross_entropy_with_integer_labels(logits, y_b)
+    return loss + float(ce.mean())
 
 
 def test_step_losses_take_the_rows_the_code_gives_them_across_a_boundary(monkeypatch):
@@ -202,6 +230,30 @@ def test_step_losses_take_the_rows_the_code_gives_them_across_a_boundary(monkeyp
         np.testing.assert_allclose(float(metrics["loss"]), want, rtol=1e-4)
         assert int(state.tasks_done) == (i >= 3)
     assert bool(state.class_means_valid[:2].all())
+
+
+def test_feedback_rows_enter_the_memory_losses_with_blended_labels(monkeypatch):
+    """With the feedback on (every group and pair mixed): from the second batch of a later
+    task the memory contrast and cross-entropy take the fed-back rows, the contrast with the
+    blended label and the cross-entropy weighted by the mixing weight; the first batch of the
+    task (the boundary) takes the rows as read."""
+    monkeypatch.setattr(onpro.aug, "augment", lambda key, x, spec: 1 - x)
+    model = tiny_model()
+    cfg = onpro.Config(buffer_size=16, replay_max=6, replay_per_class=2, proj_dim=8,
+                       weight_decay=0.0, transforms="rotations", mixup_p=1.0)
+    hp = onpro.HParams()
+    learner = onpro.make(model, cfg)
+    bs = batches(n=6)
+    bs = bs._replace(boundary=jnp.asarray(np.arange(6) == 3))
+    update = jax.jit(learner.update)
+    state = learner.init(jax.random.PRNGKey(0), bs.x[0], hp)
+    for i in range(6):
+        batch, key = step_of(bs, i), jax.random.PRNGKey(20 + i)
+        if i >= 3:
+            want = reference_loss(model, cfg, state, batch, hp, key, feedback=True)
+        state, metrics = update(state, batch, hp, key)
+        if i >= 3:
+            np.testing.assert_allclose(float(metrics["loss"]), want, rtol=1e-4)
 
 
 def test_bad_settings_are_refused():

@@ -45,6 +45,8 @@ Deviations from the authors' code:
 
 - One forward pass of the network computes every view (the code uses one for the contrastive
   views and another for the cross-entropy crop); identical without BatchNorm (the MNIST MLP).
+  With BatchNorm the batch statistics also cover the rows computed and masked (the memory
+  copies in the first task, read slots beyond the read count).
 - The memory is ocljax's exact reservoir (the code counts a batch's rows after drawing their
   slots, so rows of one batch can collide).
 - The crop is ``ocljax.augment``'s ``rrc30`` (bilinear, window inside the image); the code's

@@ -44,7 +44,13 @@ Prediction (``predict``) is the network's own classifier.
 Deviations from the authors' code:
 
 - One forward pass computes every view (the code uses three, for the contrastive views, the
-  cross-entropy crop and the prototypes); identical without BatchNorm.
+  cross-entropy crop and the prototypes); identical without BatchNorm (the MNIST MLP). With
+  BatchNorm (the reduced ResNet-18) the batch statistics also cover rows the code's passes do
+  not hold: the memory copies computed and masked in the first task (about 85% of the rows
+  there), read slots beyond ``M``, and the cross-entropy and prototype rows.
+- Without two classes of known prototypes the guided rows stay the rows as read (the code's
+  ``make_mix_pair`` fails an assertion there).
+- With ``--passes k`` (the code has one pass) the repeats of a task's first batch are fed back.
 - Mixing happens on inputs in [0, 1] (the code mixes mean/std-normalised images: the same
   images, since normalisation is affine).
 - A feedback pair whose class has no row left in the memory takes a random memory row (the
