@@ -35,8 +35,8 @@ TINY_RUN = ["--learner", "finetune", "--n-tasks", "2", "--eval-every", "0",
 # (id, extra argv, message regex). Placeholders: {out} the run directory, {tmp} its
 # grandparent (holding an empty folder "empty" and a plain file "afile").
 CLI_CASES = [
-    ("unknown learner", ["--learner", "nope"], r"unknown learner 'nope'; choose one of"),
-    ("unknown learner in a list", ["--learner", "er,nope"], r"unknown learner 'nope'"),
+    ("unknown learner", ["--learner", "xyzzy"], r"unknown learner 'xyzzy'; choose one of"),
+    ("unknown learner in a list", ["--learner", "er,xyzzy"], r"unknown learner 'xyzzy'"),
     ("learner typo", ["--learner", "agme"],
      r"unknown learner 'agme' \(did you mean 'agem'\?\); choose one of"),
     ("no learner", ["--learner", ","], r"no learner given \(--learner NAME"),
