@@ -16,6 +16,11 @@ NAMES = sorted(learners.REGISTRY)
 # within ~10 minutes on 2 cores (each learner's own test file covers its update).
 CORE = {"finetune", "er", "er_ncm", "agem", "lwf", "der"}
 HEAVY = [n if n in CORE else pytest.param(n, marks=pytest.mark.slow) for n in NAMES]
+# OCM and OnPro compile programs of thousands of rows (10-15 s each on 2 cores): every check
+# of theirs runs with ``-m slow``; their own test files run their update, predict and the
+# pre-update stream logits in the default suite.
+COSTLY = {"ocm", "onpro"}
+LIGHT = [pytest.param(n, marks=pytest.mark.slow) if n in COSTLY else n for n in NAMES]
 B, K = 4, 6
 
 
@@ -102,7 +107,7 @@ def test_module_shape(name):
     assert all(isinstance(v, float) for v in module.HParams())
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", LIGHT)
 def test_init_update_jit_keep_structure(name):
     module, learner = tiny_learner(name)
     hp, bs = module.HParams(), batches()
@@ -122,7 +127,7 @@ def test_init_update_jit_keep_structure(name):
 OWN_ONLINE_PREDICTION = {"scr", "blind"}
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", LIGHT)
 def test_stream_logits_are_the_pre_update_evaluation_logits(name):
     """``stream_logits`` stand in for ``predict`` of the pre-update state on the incoming
     rows (online accuracy, Cai et al. 2021): equal to it on a model without BatchNorm; left
@@ -189,7 +194,7 @@ TIGHT = {"rtol": 1e-5, "atol": 1e-6}
 VMAP_TOLERANCE = {"ocm": {"rtol": 1e-4, "atol": 1e-4}, "onpro": {"rtol": 1e-4, "atol": 1e-4}}
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", LIGHT)
 def test_prepare_eval_and_predict(name):
     module, learner = tiny_learner(name)
     hp, bs = module.HParams(), batches()

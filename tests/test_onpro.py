@@ -209,34 +209,14 @@ def reference_loss(model, cfg, state, batch, hp, key, feedback=False):
     return loss + float(ce.mean())
 
 
-def test_step_losses_take_the_rows_the_code_gives_them_across_a_boundary(monkeypatch):
-    monkeypatch.setattr(onpro.aug, "augment", lambda key, x, spec: 1 - x)
-    monkeypatch.setattr(onpro, "feedback_rows",
-                        lambda key, cfg, buffer, x, y, read, n, m, v: (x, y, y, 0.0 * y))
-    model = tiny_model()
-    cfg = onpro.Config(buffer_size=16, replay_max=6, replay_per_class=2, proj_dim=8,
-                       weight_decay=0.0, transforms="rotations")  # copies: tests of OCM
-    hp = onpro.HParams()
-    learner = onpro.make(model, cfg)
-    bs = batches(n=6)
-    bs = bs._replace(boundary=jnp.asarray(np.arange(6) == 3),
-                     y=jnp.where(np.arange(6)[:, None] < 4, bs.y % 2, bs.y))
-    update = jax.jit(learner.update)
-    state = learner.init(jax.random.PRNGKey(0), bs.x[0], hp)
-    for i in range(6):
-        batch, key = step_of(bs, i), jax.random.PRNGKey(10 + i)
-        want = reference_loss(model, cfg, state, batch, hp, key)
-        state, metrics = update(state, batch, hp, key)
-        np.testing.assert_allclose(float(metrics["loss"]), want, rtol=1e-4)
-        assert int(state.tasks_done) == (i >= 3)
-    assert bool(state.class_means_valid[:2].all())
-
-
 def test_feedback_rows_enter_the_memory_losses_with_blended_labels(monkeypatch):
-    """With the feedback on (every group and pair mixed): from the second batch of a later
-    task the memory contrast and cross-entropy take the fed-back rows, the contrast with the
-    blended label and the cross-entropy weighted by the mixing weight; the first batch of the
-    task (the boundary) takes the rows as read."""
+    """Every step's loss recomputed from the module's pieces. First task: cross-entropy on
+    the incoming rows, the copy contrast at weight 1, the prototype equilibrium on the
+    incoming rows and on up to ``replay_max`` rows read for it. Later: the memory contrast and
+    cross-entropy join, on the rows as read at the task's first batch (the boundary), then on
+    the fed-back rows (feedback on for every group and pair), the contrast with the blended
+    labels and the cross-entropy weighted by the mixing weight; reads grow with the classes
+    seen."""
     monkeypatch.setattr(onpro.aug, "augment", lambda key, x, spec: 1 - x)
     model = tiny_model()
     cfg = onpro.Config(buffer_size=16, replay_max=6, replay_per_class=2, proj_dim=8,
@@ -244,16 +224,17 @@ def test_feedback_rows_enter_the_memory_losses_with_blended_labels(monkeypatch):
     hp = onpro.HParams()
     learner = onpro.make(model, cfg)
     bs = batches(n=6)
-    bs = bs._replace(boundary=jnp.asarray(np.arange(6) == 3))
+    bs = bs._replace(boundary=jnp.asarray(np.arange(6) == 3),  # task 1 from step 3
+                     y=jnp.where(np.arange(6)[:, None] < 3, bs.y % 2, bs.y))
     update = jax.jit(learner.update)
     state = learner.init(jax.random.PRNGKey(0), bs.x[0], hp)
     for i in range(6):
         batch, key = step_of(bs, i), jax.random.PRNGKey(20 + i)
-        if i >= 3:
-            want = reference_loss(model, cfg, state, batch, hp, key, feedback=True)
+        want = reference_loss(model, cfg, state, batch, hp, key, feedback=True)
         state, metrics = update(state, batch, hp, key)
-        if i >= 3:
-            np.testing.assert_allclose(float(metrics["loss"]), want, rtol=1e-4)
+        np.testing.assert_allclose(float(metrics["loss"]), want, rtol=1e-4)
+        assert int(state.tasks_done) == (i >= 3)
+    assert int(state.class_means_valid.sum()) >= 2  # the last read's classes
 
 
 def test_bad_settings_are_refused():
