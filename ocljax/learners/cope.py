@@ -114,7 +114,6 @@ def check_config(cfg: Config) -> None:
     er.check_config(cfg)
     if cfg.embed_dim < 1:
         raise ConfigError(f"embed_dim must be >= 1, got {cfg.embed_dim}")
-    optim.check(cfg.optimizer)
 
 
 def init_embedding(key: Array, feature_dim: int, embed_dim: int) -> dict:

@@ -101,9 +101,8 @@ State = er.State  # net (params {"net", "proxies"}), buffer, pending, pending_va
 
 def check_config(cfg: Config) -> None:
     """Raise ``ConfigError`` for impossible sizes, a bad augmentation spec or optimizer."""
-    er.check_config(cfg)
+    er.check_config(cfg)  # sizes and the optimizer name
     aug.parse(cfg.augment)
-    optim.check(cfg.optimizer)
 
 
 def init_proxies(key: Array, feature_dim: int, num_classes: int) -> Array:
