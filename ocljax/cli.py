@@ -130,7 +130,9 @@ def build_parser(prog: str, description: str, preset: dict) -> argparse.Argument
 # Traced hyperparameters that must be positive / non-negative wherever a learner has them.
 POSITIVE = ("lr", "temperature")
 NON_NEGATIVE = ("lam", "alpha", "beta", "gamma", "epsilon", "step_size", "min_lr", "momentum",
-                "mean_threshold", "var_threshold")
+                "mean_threshold", "var_threshold", "reg_weight")
+# Probabilities and moving-average decays, in [0, 1].
+UNIT_INTERVAL = ("plastic_rate", "plastic_decay", "stable_rate", "stable_decay")
 
 
 def check_hparams(learner: str, hparams: dict) -> None:
@@ -141,6 +143,8 @@ def check_hparams(learner: str, hparams: dict) -> None:
             raise ConfigError(f"{key} must be > 0 (learner {learner}), got {value:g}")
         if key in NON_NEGATIVE and not value >= 0:
             raise ConfigError(f"{key} must be >= 0 (learner {learner}), got {value:g}")
+        if key in UNIT_INTERVAL and not 0 <= value <= 1:
+            raise ConfigError(f"{key} must be in [0, 1] (learner {learner}), got {value:g}")
 
 
 def parse_grid(entries: list[str]) -> dict[str, list[str]]:

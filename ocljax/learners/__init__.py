@@ -28,6 +28,7 @@ LEARNERS: dict[str, tuple[str, str]] = {
     "er_aml": ("er_aml", "ER with an asymmetric metric loss on incoming rows (Caccia et al. 2022)"),
     "der": ("der", "dark experience replay: logit matching (Buzzega et al. 2020)"),
     "derpp": ("der", "DER++: logit matching plus label replay (Buzzega et al. 2020)"),
+    "clser": ("clser", "plastic and stable EMA memories, consistency replay (Arani et al. 2022)"),
     "mir": ("mir", "maximally interfered retrieval (Aljundi et al. 2019)"),
     "aser": ("aser", "adversarial Shapley value retrieval and update (Shim et al. 2021)"),
     "gdumb": ("gdumb", "greedy balanced memory, retrain at evaluation (Prabhu et al. 2020)"),
