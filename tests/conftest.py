@@ -16,6 +16,7 @@ TINY_CONFIG = {
     "buffer_size": 8, "replay_batch": 3, "mem_batch": 3, "candidates": 6,
     "patterns_per_task": 4, "max_tasks": 3, "retrain_epochs": 1, "retrain_batch": 4,
     "replay_max": 3, "proj_dim": 8, "transforms": "rotations",  # OCM's 4 copies, not 16
+    "memory_batch": 4, "current_replay": 2,  # GSA's
 }
 
 

@@ -40,6 +40,7 @@ LEARNERS: dict[str, tuple[str, str]] = {
     "pcr": ("pcr", "proxy-based contrastive replay (Lin et al. 2023)"),
     "ocm": ("ocm", "mutual information via transformed-copy contrast (Guo et al. 2022)"),
     "onpro": ("onpro", "online prototype equilibrium and feedback on OCM (Wei et al. 2023)"),
+    "gsa": ("gsa", "gradient self-adaptation for cross-task classes (Guo et al. 2023)"),
     "cope": ("cope", "continual prototype evolution, PPP loss (De Lange & Tuytelaars 2021)"),
     "icarl": ("icarl", "herding exemplars, distillation, NME (Rebuffi et al. 2017)"),
     "lwf": ("lwf", "learning without forgetting (Li & Hoiem 2016)"),
