@@ -30,13 +30,15 @@ from ocljax.errors import OCLError
 from ocljax.run.results import write_atomic
 
 BENCHMARKS = ("split_mnist", "permuted_mnist", "split_fashion_mnist")
-LEARNERS = ("finetune", "finetune@iid", "er", "er_ace", "er_aml", "der", "derpp", "mir", "aser",
-            "gss", "gem", "agem", "rar", "scr", "pcr", "cope", "ocm", "onpro", "gdumb", "icarl",
-            "lwf", "ewc_online", "mas", "er_ncm")
-# OCM and OnPro: their Adam learning rates, and 2 seeds (each step costs ~150 ER steps)
+LEARNERS = ("finetune", "finetune@iid", "er", "er_ace", "er_aml", "der", "derpp", "clser",
+            "mir", "aser", "gss", "gem", "agem", "rar", "scr", "pcr", "cope", "ocm", "onpro",
+            "gsa", "gdumb", "icarl", "lwf", "ewc_online", "mas", "er_ncm")
+# OCM, OnPro and GSA: their Adam learning rates; OCM and OnPro 2 seeds (each step costs ~150
+# ER steps)
 EXTRA = {"gdumb": ["--eval-every", "0"],
          "ocm": ["--set", "lr=0.001", "--seeds", "2"],
-         "onpro": ["--set", "lr=0.0005", "--seeds", "2"]}
+         "onpro": ["--set", "lr=0.0005", "--seeds", "2"],
+         "gsa": ["--set", "lr=0.001"]}
 ANCHOR = "agem_pmnist"
 # the anchor's run directories under the root: the preset's settings (5 seeds, then 10), then
 # three variations
