@@ -53,12 +53,13 @@ def test_ema_decay_warms_up_with_the_step_count():
     np.testing.assert_allclose(clser.ema_decay(jnp.array(1000), 0.99), 0.99)
 
 
-@pytest.mark.parametrize("step", [1, 3])
+# steps 1 and 3: the warm-up sets the decay (2/3, 0.8); step 50: each memory's own decay caps it
+@pytest.mark.parametrize("step", [1, 3, 50])
 def test_step_equals_a_hand_computation(step):
-    # stable never updated (rate 0) keeps the initial weights; the plastic memory trails the
-    # working model: the two memories differ, and each replayed row picks its own target
+    # the stable memory is set to favour one class, the plastic memory trails the working
+    # model: each replayed row picks its own target
     hp = clser.HParams(lr=0.2, reg_weight=1.5, plastic_rate=1.0, plastic_decay=0.9,
-                       stable_rate=0.0, stable_decay=0.99)
+                       stable_rate=1.0, stable_decay=0.95)
     cfg = clser.Config(buffer_size=8, replay_batch=8)  # every stored row is replayed
     learner, state = run(hp, 3, cfg)
     xb, yb = state.buffer.data["x"], state.buffer.data["y"]
@@ -88,15 +89,40 @@ def test_step_equals_a_hand_computation(step):
     np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
     working = jax.tree.map(lambda p, g: p - 0.2 * g, state.net.params, grads)
     close(new.net.params, working)
-    # EMA after the step, with the warm-up of step + 1 updates
-    a = min(1 - 1 / (step + 2), 0.9)
-    close(new.plastic.params, jax.tree.map(lambda e, p: a * e + (1 - a) * p,
-                                           state.plastic.params, working))
-    close(new.stable.params, state.stable.params, rtol=0, atol=0)
+    # both memories after the step, with the warm-up of step + 1 steps
+    for old, moved, decay in ((state.plastic, new.plastic, 0.9),
+                              (state.stable, new.stable, 0.95)):
+        a = min(1 - 1 / (step + 2), decay)
+        close(moved.params, jax.tree.map(lambda e, p, a=a: a * e + (1 - a) * p, old.params,
+                                         working))
     assert int(new.step) == step + 1
     # online logits: the pre-update stable model on the incoming rows
     np.testing.assert_allclose(metrics["stream_logits"], forward(state.stable.params, b.x),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_rows_the_memory_does_not_hold_yet_are_out_of_both_losses():
+    # 4 rows stored, 6 replayed: 2 filler rows, masked out of the cross-entropy and the
+    # consistency term alike
+    hp = clser.HParams(lr=0.2, reg_weight=1.5)
+    cfg = clser.Config(buffer_size=8, replay_batch=6)
+    learner, state = run(hp, 1, cfg)
+    b = step_of(batches(), 1)
+    key = jax.random.PRNGKey(11)
+    flushed = er.flush(state, jax.random.split(jax.random.split(key)[0])[0])
+    assert int(reservoir.size(flushed.buffer)) == B
+    xb, yb = flushed.buffer.data["x"][:B], flushed.buffer.data["y"][:B]
+    targets = clser.select_targets(forward(state.plastic.params, xb),
+                                   forward(state.stable.params, xb), yb)
+
+    def hand(params):
+        logits = forward(params, jnp.concatenate([b.x, xb]))
+        y = jnp.concatenate([b.y, yb])
+        ce = -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(2 * B), y])
+        return ce + 1.5 * jnp.mean((logits[B:] - targets) ** 2)
+
+    _, metrics = learner.update(state, b, hp, key)
+    np.testing.assert_allclose(metrics["loss"], hand(state.net.params), rtol=1e-5)
 
 
 def test_without_consistency_the_working_model_is_er():

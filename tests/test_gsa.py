@@ -96,7 +96,9 @@ def hand_loss(params, new_x, new_y, current, mem_x, mem_y, seen, weights, buffer
 
 
 @pytest.mark.parametrize("flip_copy", [False, True])
-@pytest.mark.parametrize("step,task_step", [(3, None), (4, None), (4, 7)])
+# task_step None: the stream's own (0 at step 3, 1 at step 4); 4: the warm-up's last step; 5:
+# the first weighted one
+@pytest.mark.parametrize("step,task_step", [(3, None), (4, None), (4, 4), (4, 5)])
 def test_step_rows_and_loss_equal_a_hand_computation(step, task_step, flip_copy):
     # no augmentation and every eligible row drawn: the row sets are determined
     cfg = gsa.Config(buffer_size=32, memory_batch=32, current_replay=8, augment="none",
@@ -129,7 +131,7 @@ def test_step_rows_and_loss_equal_a_hand_computation(step, task_step, flip_copy)
     mem_logits = forward(state.net.params, jnp.asarray(mem_x))
     stats = gsa.accumulate(state.stats, mem_logits, jnp.asarray(mem_y),
                            jnp.ones(len(mem_y), bool), seen)
-    warm = task_step is None  # the task's step 0 or 1: all weights 1
+    warm = task_step is None or task_step < 5  # the task's first 5 steps: all weights 1
     weights = jnp.ones(C) if warm else gsa.class_weights(stats)
     if not warm:
         assert not np.allclose(weights, 1.0, atol=1e-3)
@@ -183,3 +185,27 @@ def test_flip_copy_is_dropped_on_permuted_streams_unless_set():
     assert not fitted.flip_copy and "permuted" in note
     assert gsa.fit_to_stream(cfg, permuted, {"flip_copy"}) == (cfg, None)
     assert gsa.fit_to_stream(cfg, types.SimpleNamespace(kind="split"), set()) == (cfg, None)
+
+
+def test_rows_left_out_of_the_losses_do_not_reach_batchnorm():
+    # what the memory's unfilled slots hold must not matter: rows a loss leaves out are copies
+    # of incoming rows, in the batch statistics as in the loss
+    net = models.make_model("cnn_bn", C, width=8)
+    cfg = gsa.Config(buffer_size=32, memory_batch=24, current_replay=8, augment="none")
+    learner = gsa.make(net, cfg)
+    bs = stream()
+    hp = gsa.HParams()
+    state = learner.init(jax.random.PRNGKey(0), bs.x[0], hp)
+    for i in range(4):
+        state, _ = learner.update(state, step_of(bs, i), hp, jax.random.PRNGKey(i))
+    junk = jax.random.randint(jax.random.PRNGKey(9), state.buffer.data["x"].shape, 0, 255)
+    stored = np.arange(32) < 4 * 4  # written so far, with the pending batch
+    x = jnp.where(stored[:, None, None, None], state.buffer.data["x"], junk.astype(jnp.uint8))
+    other = state._replace(buffer=state.buffer._replace(data={**state.buffer.data, "x": x}))
+    key = jax.random.PRNGKey(5)
+    a, ma = learner.update(state, step_of(bs, 4), hp, key)
+    b, mb = learner.update(other, step_of(bs, 4), hp, key)
+    np.testing.assert_allclose(ma["loss"], mb["loss"], rtol=1e-6)
+    jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-7),
+                 a.net.model_state, b.net.model_state)
+    assert ma["stream_logits"] is None  # the driver scores predict with running statistics

@@ -22,9 +22,10 @@ of its weights. Each step, with the incoming batch ``(x, y)`` and ``replay_batch
    ``theta <- a theta + (1 - a) theta_W`` with ``a = min(1 - 1 / (global_step + 1), decay)``.
    The warm-up follows the step count, not the number of updates taken (``ema_update``).
 
-Inference uses the stable model (Sec. 3, "Inference": it consolidates the structural
-knowledge); ``predict`` and the linear probe read it, and online accuracy scores it, as the
-model a deployed learner would answer with. Both memories start as copies of the working model.
+Inference uses the stable model, as the paper's method describes (the authors' code evaluates
+the working, plastic and stable models alike and logs each); ``predict`` and the linear probe
+read it, and online accuracy scores it, as the model a deployed learner would answer with.
+Both memories start as copies of the working model.
 
 Defaults: the authors' Seq-MNIST settings for a buffer of 500 (``utils/best_args.py``, the
 entry nearest this project's 1,000): ``reg_weight`` 2.0, plastic rate 1.0 and decay 0.99,
@@ -41,8 +42,13 @@ Deviations:
   ``eval()`` inside ``observe``), so with BatchNorm their logits use the replayed rows' batch
   statistics and their running statistics are their own, updated by those forwards; only
   parameters are averaged. Evaluation uses the stable model's own running statistics.
-- Replayed rows are not augmented: the code's MNIST datasets have no transform (its CIFAR ones
-  do; use ``--augment`` on image streams, which applies to incoming rows).
+- No augmentation: the code's MNIST datasets have none, but on CIFAR it augments the incoming
+  and the replayed rows (crop and flip), and the memories' targets come from those views; runs
+  of this port on image streams train on the raw images.
+- While the memory holds fewer than ``replay_batch`` rows, the missing rows are copies of
+  incoming rows (``er.with_filler``), masked out of both losses; with BatchNorm the memories'
+  forward (and its running statistics) then sees them, for the first ``replay_batch / B``
+  steps at most. The code's replay batch is shorter instead.
 """
 
 from __future__ import annotations
@@ -95,7 +101,7 @@ class State(NamedTuple):
     buffer: reservoir.ReservoirState  # data = {"x": [cap, ...], "y": [cap]}
     pending: dict  # the last incoming batch, not yet written
     pending_valid: Array  # [B] bool
-    step: Array  # int32: the code's global_step, updates taken so far
+    step: Array  # int32: the code's global_step, steps taken so far
 
 
 def check_config(cfg: Config) -> None:
