@@ -209,3 +209,9 @@ def test_rows_left_out_of_the_losses_do_not_reach_batchnorm():
     jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-7),
                  a.net.model_state, b.net.model_state)
     assert ma["stream_logits"] is None  # the driver scores predict with running statistics
+
+
+def test_domain_incremental_streams_get_a_warning():
+    note = gsa.stream_note(gsa.Config(), types.SimpleNamespace(kind="permuted"))
+    assert "no earlier task" in note
+    assert gsa.stream_note(gsa.Config(), types.SimpleNamespace(kind="split")) is None

@@ -31,6 +31,10 @@ the gradients the memory has produced so far. Each step, with ``t`` the current 
    on ``2 L_buf + L_new``; the incoming batch enters the reservoir (deferred to the next step,
    as in ER), each row with its task id. While the memory is empty only ``L_new`` is trained.
 
+GSA is a class-incremental method: on streams whose every task holds every class (permuted,
+rotated) the share of current classes is 1, the memory batch holds no earlier task's rows, and
+the method reduces to training on the current task; ``stream_note`` warns.
+
 Prediction is the network's classifier over the classes seen so far (the code's head grows
 with each task, so later tasks' classes do not exist yet; here they get a -1e9 logit).
 
@@ -80,8 +84,8 @@ from ocljax.learners.supervised import NetState, online_logits
 from ocljax.memory import reservoir
 from ocljax.types import Array, Batch, Learner, Model, identity_prepare_eval
 
-__all__ = ["Config", "HParams", "State", "Stats", "accumulate", "class_weights",
-           "check_config", "fit_to_stream", "make", "requires_boundaries", "WARMUP"]
+__all__ = ["Config", "HParams", "State", "Stats", "WARMUP", "accumulate", "check_config",
+           "class_weights", "fit_to_stream", "make", "requires_boundaries", "stream_note"]
 
 TASK_FREE_HINT = "use er_ace (cross-entropy on the incoming classes, task-free) or er"
 WARMUP = 5  # steps of each task with all memory weights 1 (the code's batch_idx < 5)
@@ -158,6 +162,20 @@ def fit_to_stream(cfg: Config, stream_cfg, explicit: set[str]):
     return dataclasses.replace(cfg, flip_copy=False), (
         "gsa: flip_copy True -> False on this permuted stream (a mirrored permutation is not "
         "a view of the image)")
+
+
+def stream_note(cfg, stream) -> str | None:
+    """A warning for permuted and rotated streams (``stream`` a ``StreamConfig``), where every
+    task holds every class: the share of current classes is 1, so the memory batch holds no
+    earlier task's rows and GSA trains on the current task alone (10-task permuted MNIST: GSA
+    0.695, finetune 0.687, ER 0.797)."""
+    del cfg
+    if stream.kind not in ("permuted", "rotated"):
+        return None
+    return ("every task of a permuted or rotated stream holds every class, so GSA's memory batch "
+            "(split by the share of the current task's classes) holds no earlier task's rows "
+            "and GSA reduces to training on the current task (10-task permuted MNIST: GSA 0.695, "
+            "finetune 0.687, ER 0.797); GSA is a class-incremental method")
 
 
 def accumulate(stats: Stats, logits: Array, y: Array, valid: Array, seen: Array) -> Stats:
