@@ -29,6 +29,7 @@ LEARNERS: dict[str, tuple[str, str]] = {
     "der": ("der", "dark experience replay: logit matching (Buzzega et al. 2020)"),
     "derpp": ("der", "DER++: logit matching plus label replay (Buzzega et al. 2020)"),
     "clser": ("clser", "plastic and stable EMA memories, consistency replay (Arani et al. 2022)"),
+    "dvc": ("dvc", "dual view consistency, gradient-magnitude retrieval (Gu et al. 2022)"),
     "mir": ("mir", "maximally interfered retrieval (Aljundi et al. 2019)"),
     "aser": ("aser", "adversarial Shapley value retrieval and update (Shim et al. 2021)"),
     "gdumb": ("gdumb", "greedy balanced memory, retrain at evaluation (Prabhu et al. 2020)"),

@@ -1,0 +1,146 @@
+"""Behaviour that makes DVC that method (Gu et al. CVPR 2022; YananGu/DVC): two views agreeing
+through the Q head (cross-entropy on both, marginal entropy, L1 to Q's prediction), and replay
+of the memory rows whose last-layer gradient a virtual step on the incoming loss grows most."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from test_learner_contract import B, batches, step_of
+
+from ocljax import models
+from ocljax.learners import dvc, er
+from ocljax.memory import reservoir
+
+C = 4
+MODEL = models.make_model("mlp", C, width=16, depth=1)
+
+
+def np_softmax(a):
+    e = np.exp(a - a.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def np_dvc_loss(z, zt, q, y, valid, w):
+    """The code's loss (exp_replay_dvc.py + loss.py), in numpy, on the valid rows."""
+    z, zt, q, y = z[valid], zt[valid], q[valid], y[valid]
+    if len(y) == 0:
+        return 0.0
+    logits, labels = np.concatenate([z, zt]), np.concatenate([y, y])
+    logp = np.log(np_softmax(logits))
+    ce = -logp[np.arange(len(labels)), labels].mean()
+    pz, pzt, pq = np_softmax(z), np_softmax(zt), np_softmax(q)
+
+    def agreement(p):
+        m = p.sum(0) / p.sum()
+        m = np.where(m < dvc.EPS, dvc.EPS, m)
+        return (m * np.log(m)).sum()
+
+    ag = (agreement(pz) + agreement(pzt) + agreement(pq)) / 3
+    dl = np.abs(np.concatenate([pq, pq]) - np.concatenate([pz, pzt])).mean()
+    return ce + ag + w * dl
+
+
+@pytest.mark.parametrize("n_valid", [0, 3, 6])
+def test_loss_matches_the_code_written_in_numpy(n_valid):
+    rng = np.random.default_rng(n_valid)
+    z, zt, q = (rng.normal(size=(6, C)).astype(np.float32) * 2 for _ in range(3))
+    y = rng.integers(0, C, 6)
+    valid = np.arange(6) < n_valid
+    got = dvc.dvc_loss(jnp.asarray(z), jnp.asarray(zt), jnp.asarray(q), jnp.asarray(y),
+                       jnp.asarray(valid), 1.7)
+    np.testing.assert_allclose(got, np_dvc_loss(z, zt, q, y, valid, 1.7), rtol=1e-5, atol=1e-6)
+
+
+def test_mgi_score_is_the_growth_of_the_last_layer_gradient_norm():
+    rng = np.random.default_rng(0)
+    h0, h1 = (jnp.asarray(rng.normal(size=(5, 7)), jnp.float32) for _ in range(2))
+    w0, w1 = (jnp.asarray(rng.normal(size=(7, C)), jnp.float32) for _ in range(2))
+    y = jnp.asarray(rng.integers(0, C, 5))
+
+    def grad_l1(h, w):  # entrywise L1 norm of d CE / d W, one row at a time
+        def ce(w, hi, yi):
+            return -jax.nn.log_softmax(hi @ w)[yi]
+        return jax.vmap(lambda hi, yi: jnp.abs(jax.grad(ce)(w, hi, yi)).sum())(h, y)
+
+    got = dvc.mgi_scores(h0 @ w0, h0, h1 @ w1, h1, y)
+    np.testing.assert_allclose(got, grad_l1(h1, w1) - grad_l1(h0, w0), rtol=1e-5, atol=1e-5)
+
+
+def forward(params, x):
+    z = MODEL.apply(params["net"], {}, x, True)[0]
+    return z, dvc.q_head(params["q"], z, z)  # no augmentation: the second view is x
+
+
+def hand_loss(params, x, y, w):
+    z, q = forward(params, x)
+    return dvc.dvc_loss(z, z, q, y, jnp.ones(y.shape[0], bool), w)
+
+
+def trained(cfg, n, hp):
+    learner = dvc.make(MODEL, cfg)
+    bs = batches()
+    state = learner.init(jax.random.PRNGKey(0), bs.x[0], hp)
+    update = jax.jit(learner.update)
+    for i in range(n):
+        state, _ = update(state, step_of(bs, i), hp, jax.random.PRNGKey(100 + i))
+    return learner, state, bs
+
+
+def test_step_replays_the_rows_whose_gradient_a_virtual_step_grows_most():
+    # all 8 stored rows are candidates, 2 are replayed: the replayed set is the top-2 scores
+    cfg = dvc.Config(buffer_size=8, candidates=8, replay_batch=2, augment="none")
+    hp = dvc.HParams(lr=0.3, dl_weight=1.5)
+    learner, state, bs = trained(cfg, 3, hp)
+    state = state._replace(pending_valid=jnp.zeros(B, bool))  # no write this step
+    assert int(reservoir.size(state.buffer)) == 8
+    b = step_of(bs, 3)
+    params = state.net.params
+    l_in, g_in = jax.value_and_grad(hand_loss)(params, b.x, b.y, 1.5)
+    virtual = jax.tree.map(lambda p, g: p - 0.3 * g, params, g_in)
+    xm, ym = state.buffer.data["x"], state.buffer.data["y"]
+    h = lambda p: MODEL.apply(p["net"], {}, xm, True)[1]  # noqa: E731
+    scores = dvc.mgi_scores(forward(params, xm)[0], h(params), forward(virtual, xm)[0],
+                            h(virtual), ym)
+    top = np.argsort(-np.asarray(scores))[:2]
+    l_mem, g_mem = jax.value_and_grad(hand_loss)(params, xm[top], ym[top], 1.5)
+    new, metrics = learner.update(state, b, hp, jax.random.PRNGKey(11))
+    np.testing.assert_allclose(metrics["loss"], l_in + l_mem, rtol=1e-5)
+    expected = jax.tree.map(lambda p, a, c: p - 0.3 * (a + c), params, g_in, g_mem)
+    jax.tree.map(lambda a, e: np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6),
+                 new.net.params, expected)
+    # ... and not any other pair of rows
+    bottom = np.argsort(np.asarray(scores))[:2]
+    assert abs(float(hand_loss(params, xm[bottom], ym[bottom], 1.5)) - float(l_mem)) > 1e-4
+
+
+def test_empty_memory_trains_the_incoming_views_alone():
+    cfg = dvc.Config(buffer_size=8, candidates=4, replay_batch=2, augment="none")
+    hp = dvc.HParams(lr=0.3)
+    learner, state, bs = trained(cfg, 0, hp)
+    b = step_of(bs, 0)
+    loss, grads = jax.value_and_grad(hand_loss)(state.net.params, b.x, b.y, hp.dl_weight)
+    new, metrics = learner.update(state, b, hp, jax.random.PRNGKey(1))
+    np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
+    jax.tree.map(lambda p, g, a: np.testing.assert_allclose(a, p - 0.3 * g, rtol=1e-5,
+                                                            atol=1e-6),
+                 state.net.params, grads, new.net.params)
+
+
+def test_predictions_are_the_networks_logits_on_the_raw_image():
+    learner, state, bs = trained(dvc.Config(buffer_size=8, candidates=4, replay_batch=2), 3,
+                                 dvc.HParams())
+    x = bs.x[0]
+    np.testing.assert_allclose(learner.predict(state, x, None),
+                               MODEL.apply(state.net.params["net"], {}, x, False)[0], rtol=1e-6)
+    # the Q head trains too
+    fresh = learner.init(jax.random.PRNGKey(0), x, dvc.HParams())
+    assert not np.allclose(fresh.net.params["q"]["w2"], state.net.params["q"]["w2"])
+
+
+def test_incoming_rows_are_not_replayed_in_their_own_step():
+    learner, state, bs = trained(dvc.Config(buffer_size=8, candidates=4, replay_batch=2), 1,
+                                 dvc.HParams())
+    assert int(reservoir.size(state.buffer)) == 0  # batch 0 waits for step 1's write
+    flushed = er.flush(state, jax.random.PRNGKey(0))
+    assert int(reservoir.size(flushed.buffer)) == B
