@@ -3,6 +3,8 @@
 on replayed rows beside ER's cross-entropy, stochastic EMA updates with a step-count warm-up,
 and predictions from the stable memory."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,12 +30,19 @@ def close(a, b, **kw):
                                                                   **kw}), a, b)
 
 
+@functools.lru_cache
+def learner_for(cfg, net=MODEL):
+    """The learner and its jitted update, compiled once per config for the whole file."""
+    learner = clser.make(net, cfg)
+    return learner, jax.jit(learner.update)
+
+
 def run(hp, n, cfg=CFG, bs=None):
-    learner = clser.make(MODEL, cfg)
+    learner, update = learner_for(cfg)
     bs = batches() if bs is None else bs
     state = learner.init(jax.random.PRNGKey(0), bs.x[0], hp)
     for i in range(n):
-        state, _ = learner.update(state, step_of(bs, i), hp, jax.random.PRNGKey(100 + i))
+        state, _ = update(state, step_of(bs, i), hp, jax.random.PRNGKey(100 + i))
     return learner, state
 
 
@@ -84,8 +93,8 @@ def test_step_equals_a_hand_computation(step):
         ce = -jnp.mean(logp[jnp.arange(y.shape[0]), y])
         return ce + 1.5 * jnp.mean((logits[B:] - chosen) ** 2)
 
-    loss, grads = jax.value_and_grad(hand)(state.net.params)
-    new, metrics = learner.update(state, b, hp, jax.random.PRNGKey(11))
+    loss, grads = jax.jit(jax.value_and_grad(hand))(state.net.params)
+    new, metrics = learner_for(cfg)[1](state, b, hp, jax.random.PRNGKey(11))
     np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
     working = jax.tree.map(lambda p, g: p - 0.2 * g, state.net.params, grads)
     close(new.net.params, working)
@@ -121,8 +130,8 @@ def test_rows_the_memory_does_not_hold_yet_are_out_of_both_losses():
         ce = -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(2 * B), y])
         return ce + 1.5 * jnp.mean((logits[B:] - targets) ** 2)
 
-    _, metrics = learner.update(state, b, hp, key)
-    np.testing.assert_allclose(metrics["loss"], hand(state.net.params), rtol=1e-5)
+    _, metrics = learner_for(cfg)[1](state, b, hp, key)
+    np.testing.assert_allclose(metrics["loss"], jax.jit(hand)(state.net.params), rtol=1e-5)
 
 
 def test_without_consistency_the_working_model_is_er():
@@ -131,9 +140,10 @@ def test_without_consistency_the_working_model_is_er():
     ref = er.make(MODEL, er.Config(buffer_size=8, replay_batch=3))
     bs = batches()
     ref_state = ref.init(jax.random.PRNGKey(0), bs.x[0], er.HParams(lr=hp.lr))
+    ref_update = jax.jit(ref.update)
     for i in range(5):
         k_er, _ = jax.random.split(jax.random.PRNGKey(100 + i))
-        ref_state, _ = ref.update(ref_state, step_of(bs, i), er.HParams(lr=hp.lr), k_er)
+        ref_state, _ = ref_update(ref_state, step_of(bs, i), er.HParams(lr=hp.lr), k_er)
     close(state.net.params, ref_state.net.params)
     np.testing.assert_array_equal(state.buffer.data["y"], ref_state.buffer.data["y"])
     # ... while the consistency term changes the working model
@@ -174,15 +184,15 @@ def test_predictions_come_from_the_stable_memory():
 
 def test_batchnorm_memories_keep_their_own_statistics():
     net = models.make_model("cnn_bn", C, width=8)
-    learner = clser.make(net, CFG)
+    learner, update = learner_for(CFG, net)
     bs = batches()
     hp = clser.HParams()
     state = learner.init(jax.random.PRNGKey(0), bs.x[0], hp)
-    first, metrics = learner.update(state, step_of(bs, 0), hp, jax.random.PRNGKey(1))
+    first, metrics = update(state, step_of(bs, 0), hp, jax.random.PRNGKey(1))
     assert metrics["stream_logits"] is None  # the driver scores predict on the stable memory
     # empty buffer: the memories ran no forward of their own
     close(first.stable.model_state, state.stable.model_state, rtol=0, atol=0)
-    second, _ = learner.update(first, step_of(bs, 1), hp, jax.random.PRNGKey(2))
+    second, _ = update(first, step_of(bs, 1), hp, jax.random.PRNGKey(2))
     stats = lambda ms: np.concatenate([np.ravel(a) for a in jax.tree.leaves(ms)])  # noqa: E731
     assert not np.allclose(stats(second.stable.model_state), stats(first.stable.model_state))
     assert not np.allclose(stats(second.stable.model_state), stats(second.net.model_state))

@@ -2,6 +2,8 @@
 through the Q head (cross-entropy on both, marginal entropy, L1 to Q's prediction), and replay
 of the memory rows whose last-layer gradient a virtual step on the incoming loss grows most."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -77,50 +79,65 @@ def hand_loss(params, x, y, w):
     return dvc.dvc_loss(z, z, q, y, jnp.ones(y.shape[0], bool), w)
 
 
-def trained(cfg, n, hp):
+hand_grad = jax.jit(jax.value_and_grad(hand_loss))  # eager flax ops cost seconds here
+
+
+@jax.jit
+def hand_scores(params, virtual, x, y):
+    h = lambda p: MODEL.apply(p["net"], {}, x, True)[1]  # noqa: E731
+    return dvc.mgi_scores(forward(params, x)[0], h(params), forward(virtual, x)[0], h(virtual), y)
+
+
+# all 8 stored rows are candidates, 2 are replayed; no augmentation: the second view is x
+CFG = dvc.Config(buffer_size=8, candidates=8, replay_batch=2, augment="none")
+
+
+@functools.lru_cache
+def learner_for(cfg):
+    """The learner and its jitted update, compiled once per config for the whole file."""
     learner = dvc.make(MODEL, cfg)
+    return learner, jax.jit(learner.update)
+
+
+def trained(cfg, n, hp):
+    learner, update = learner_for(cfg)
     bs = batches()
     state = learner.init(jax.random.PRNGKey(0), bs.x[0], hp)
-    update = jax.jit(learner.update)
     for i in range(n):
         state, _ = update(state, step_of(bs, i), hp, jax.random.PRNGKey(100 + i))
     return learner, state, bs
 
 
 def test_step_replays_the_rows_whose_gradient_a_virtual_step_grows_most():
-    # all 8 stored rows are candidates, 2 are replayed: the replayed set is the top-2 scores
-    cfg = dvc.Config(buffer_size=8, candidates=8, replay_batch=2, augment="none")
+    # the replayed set is the top-2 scores
     hp = dvc.HParams(lr=0.3, dl_weight=1.5)
-    learner, state, bs = trained(cfg, 3, hp)
+    learner, state, bs = trained(CFG, 3, hp)
     state = state._replace(pending_valid=jnp.zeros(B, bool))  # no write this step
     assert int(reservoir.size(state.buffer)) == 8
     b = step_of(bs, 3)
     params = state.net.params
-    l_in, g_in = jax.value_and_grad(hand_loss)(params, b.x, b.y, 1.5)
+    l_in, g_in = hand_grad(params, b.x, b.y, 1.5)
     virtual = jax.tree.map(lambda p, g: p - 0.3 * g, params, g_in)
     xm, ym = state.buffer.data["x"], state.buffer.data["y"]
-    h = lambda p: MODEL.apply(p["net"], {}, xm, True)[1]  # noqa: E731
-    scores = dvc.mgi_scores(forward(params, xm)[0], h(params), forward(virtual, xm)[0],
-                            h(virtual), ym)
+    scores = hand_scores(params, virtual, xm, ym)
     top = np.argsort(-np.asarray(scores))[:2]
-    l_mem, g_mem = jax.value_and_grad(hand_loss)(params, xm[top], ym[top], 1.5)
-    new, metrics = learner.update(state, b, hp, jax.random.PRNGKey(11))
+    l_mem, g_mem = hand_grad(params, xm[top], ym[top], 1.5)
+    new, metrics = learner_for(CFG)[1](state, b, hp, jax.random.PRNGKey(11))
     np.testing.assert_allclose(metrics["loss"], l_in + l_mem, rtol=1e-5)
     expected = jax.tree.map(lambda p, a, c: p - 0.3 * (a + c), params, g_in, g_mem)
     jax.tree.map(lambda a, e: np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6),
                  new.net.params, expected)
     # ... and not any other pair of rows
     bottom = np.argsort(np.asarray(scores))[:2]
-    assert abs(float(hand_loss(params, xm[bottom], ym[bottom], 1.5)) - float(l_mem)) > 1e-4
+    assert abs(float(hand_grad(params, xm[bottom], ym[bottom], 1.5)[0]) - float(l_mem)) > 1e-4
 
 
 def test_empty_memory_trains_the_incoming_views_alone():
-    cfg = dvc.Config(buffer_size=8, candidates=4, replay_batch=2, augment="none")
     hp = dvc.HParams(lr=0.3)
-    learner, state, bs = trained(cfg, 0, hp)
+    learner, state, bs = trained(CFG, 0, hp)
     b = step_of(bs, 0)
-    loss, grads = jax.value_and_grad(hand_loss)(state.net.params, b.x, b.y, hp.dl_weight)
-    new, metrics = learner.update(state, b, hp, jax.random.PRNGKey(1))
+    loss, grads = hand_grad(state.net.params, b.x, b.y, hp.dl_weight)
+    new, metrics = learner_for(CFG)[1](state, b, hp, jax.random.PRNGKey(1))
     np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
     jax.tree.map(lambda p, g, a: np.testing.assert_allclose(a, p - 0.3 * g, rtol=1e-5,
                                                             atol=1e-6),
@@ -128,8 +145,7 @@ def test_empty_memory_trains_the_incoming_views_alone():
 
 
 def test_predictions_are_the_networks_logits_on_the_raw_image():
-    learner, state, bs = trained(dvc.Config(buffer_size=8, candidates=4, replay_batch=2), 3,
-                                 dvc.HParams())
+    learner, state, bs = trained(CFG, 3, dvc.HParams())
     x = bs.x[0]
     np.testing.assert_allclose(learner.predict(state, x, None),
                                MODEL.apply(state.net.params["net"], {}, x, False)[0], rtol=1e-6)
@@ -139,8 +155,7 @@ def test_predictions_are_the_networks_logits_on_the_raw_image():
 
 
 def test_incoming_rows_are_not_replayed_in_their_own_step():
-    learner, state, bs = trained(dvc.Config(buffer_size=8, candidates=4, replay_batch=2), 1,
-                                 dvc.HParams())
+    learner, state, bs = trained(CFG, 1, dvc.HParams())
     assert int(reservoir.size(state.buffer)) == 0  # batch 0 waits for step 1's write
     flushed = er.flush(state, jax.random.PRNGKey(0))
     assert int(reservoir.size(flushed.buffer)) == B

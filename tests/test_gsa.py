@@ -3,6 +3,7 @@ incoming rows trained on the current task's classes only, a memory batch split b
 tasks and current rows by the share of current classes, running per-class gradient sums, and
 memory rows weighted by 2 / (1 + exp(1 - ANT)) after each task's first 5 steps."""
 
+import functools
 import types
 
 import jax
@@ -69,12 +70,18 @@ def test_accumulate_sums_detached_probabilities_per_class():
         np.testing.assert_allclose(a, b, rtol=1e-5)
 
 
+@functools.lru_cache
+def learner_for(cfg, net=MODEL):
+    """The learner and its jitted update, compiled once per config for the whole file."""
+    learner = gsa.make(net, cfg)
+    return learner, jax.jit(learner.update)
+
+
 def run(cfg, n, hp=None, labels=LABELS):
     hp = gsa.HParams() if hp is None else hp
-    learner = gsa.make(MODEL, cfg)
+    learner, update = learner_for(cfg)
     bs = stream(labels)
     state = learner.init(jax.random.PRNGKey(0), bs.x[0], hp)
-    update = jax.jit(learner.update)
     for i in range(n):
         state, _ = update(state, step_of(bs, i), hp, jax.random.PRNGKey(100 + i))
     return learner, state, bs
@@ -135,9 +142,10 @@ def test_step_rows_and_loss_equal_a_hand_computation(step, task_step, flip_copy)
     weights = jnp.ones(C) if warm else gsa.class_weights(stats)
     if not warm:
         assert not np.allclose(weights, 1.0, atol=1e-3)
-    loss = hand_loss(state.net.params, jnp.asarray(new_x), jnp.asarray(new_y), current,
-                     jnp.asarray(mem_x), jnp.asarray(mem_y), seen, weights, 2.0)
-    new, metrics = jax.jit(learner.update)(state, b, hp, key)
+    loss = jax.jit(hand_loss)(state.net.params, jnp.asarray(new_x), jnp.asarray(new_y),
+                              current, jnp.asarray(mem_x), jnp.asarray(mem_y), seen, weights,
+                              2.0)
+    new, metrics = learner_for(cfg)[1](state, b, hp, key)
     np.testing.assert_allclose(metrics["loss"], loss, rtol=2e-5)
     for got, want in zip(new.stats, stats, strict=True):
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-5)
@@ -154,7 +162,7 @@ def test_memory_batch_takes_current_rows_by_the_share_of_current_classes():
                      flip_copy=False)
     learner, state, bs = run(cfg, 0)
     b = step_of(bs, 0)
-    _, metrics = learner.update(state, b, gsa.HParams(), jax.random.PRNGKey(3))
+    _, metrics = learner_for(cfg)[1](state, b, gsa.HParams(), jax.random.PRNGKey(3))
     classes = jnp.array([True, True, False, False])
     np.testing.assert_allclose(
         metrics["loss"], hand_loss(state.net.params, b.x, b.y, classes, None, None, None,
@@ -166,14 +174,15 @@ def test_memory_batch_takes_current_rows_by_the_share_of_current_classes():
     cfg = gsa.Config(buffer_size=16, memory_batch=5, current_replay=8, augment="none",
                      flip_copy=False)
     learner, state, bs = run(cfg, 4, labels=labels)
-    new, _ = learner.update(state, step_of(bs, 4), gsa.HParams(), jax.random.PRNGKey(4))
+    new, _ = learner_for(cfg)[1](state, step_of(bs, 4), gsa.HParams(), jax.random.PRNGKey(4))
     added = np.asarray(new.stats.count - state.stats.count)
     np.testing.assert_array_equal(added[[2, 3]], [1, 0])
     assert added[:2].sum() == 3
 
 
 def test_predictions_ignore_classes_not_seen():
-    learner, state, bs = run(gsa.Config(buffer_size=16, memory_batch=8, current_replay=4), 2)
+    learner, state, bs = run(gsa.Config(buffer_size=32, memory_batch=32, current_replay=8,
+                                        augment="none", flip_copy=False), 2)
     logits = np.asarray(learner.predict(state, bs.x[0], None))
     assert (logits[:, 2:] == gsa.UNSEEN).all() and (logits[:, :2] > -1e3).all()
 
@@ -192,19 +201,19 @@ def test_rows_left_out_of_the_losses_do_not_reach_batchnorm():
     # of incoming rows, in the batch statistics as in the loss
     net = models.make_model("cnn_bn", C, width=8)
     cfg = gsa.Config(buffer_size=32, memory_batch=24, current_replay=8, augment="none")
-    learner = gsa.make(net, cfg)
+    learner, update = learner_for(cfg, net)
     bs = stream()
     hp = gsa.HParams()
     state = learner.init(jax.random.PRNGKey(0), bs.x[0], hp)
     for i in range(4):
-        state, _ = learner.update(state, step_of(bs, i), hp, jax.random.PRNGKey(i))
+        state, _ = update(state, step_of(bs, i), hp, jax.random.PRNGKey(i))
     junk = jax.random.randint(jax.random.PRNGKey(9), state.buffer.data["x"].shape, 0, 255)
     stored = np.arange(32) < 4 * 4  # written so far, with the pending batch
     x = jnp.where(stored[:, None, None, None], state.buffer.data["x"], junk.astype(jnp.uint8))
     other = state._replace(buffer=state.buffer._replace(data={**state.buffer.data, "x": x}))
     key = jax.random.PRNGKey(5)
-    a, ma = learner.update(state, step_of(bs, 4), hp, key)
-    b, mb = learner.update(other, step_of(bs, 4), hp, key)
+    a, ma = update(state, step_of(bs, 4), hp, key)
+    b, mb = update(other, step_of(bs, 4), hp, key)
     np.testing.assert_allclose(ma["loss"], mb["loss"], rtol=1e-6)
     jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-6, atol=1e-7),
                  a.net.model_state, b.net.model_state)
