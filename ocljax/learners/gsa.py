@@ -77,9 +77,9 @@ import jax
 import jax.numpy as jnp
 
 from ocljax import augment as aug
-from ocljax.errors import ConfigError, require_positive, unknown_choice
+from ocljax.errors import ConfigError, require_positive
 from ocljax.learners import er
-from ocljax.learners.ocm import OPTIMIZERS, optimizer, optimizer_step
+from ocljax.learners.ocm import check_optimizer, optimizer, optimizer_step
 from ocljax.learners.supervised import NetState, online_logits
 from ocljax.memory import reservoir
 from ocljax.types import Array, Batch, Learner, Model, identity_prepare_eval
@@ -145,11 +145,7 @@ def check_config(cfg: Config) -> None:
             raise ConfigError(f"{field}={getattr(cfg, field)} rows cannot be drawn without "
                               f"replacement from a buffer of {cfg.buffer_size}")
     aug.parse(cfg.augment)
-    if cfg.optimizer not in OPTIMIZERS:
-        raise ConfigError(unknown_choice("optimizer", cfg.optimizer, OPTIMIZERS))
-    if not 0.0 <= cfg.adam_b2 < 1.0 or cfg.weight_decay < 0:
-        raise ConfigError(f"adam_b2 must be in [0, 1) and weight_decay >= 0, got "
-                          f"{cfg.adam_b2} and {cfg.weight_decay}")
+    check_optimizer(cfg)
 
 
 def fit_to_stream(cfg: Config, stream_cfg, explicit: set[str]):

@@ -88,6 +88,7 @@ from ocljax.memory import reservoir
 from ocljax.types import Array, Batch, Learner, Model, identity_prepare_eval
 
 __all__ = ["Config", "HParams", "State", "TASK_FREE_HINT", "check_config", "check_fits",
+           "check_optimizer",
            "classifier_learner", "contrast_all", "contrast_new", "contrast_terms", "copy_labels",
            "init_net", "make", "optimizer", "optimizer_step", "projections",
            "requires_boundaries", "similarity", "stream_note", "transform", "window_offset"]
@@ -140,6 +141,12 @@ def check_config(cfg: Config) -> None:
     if cfg.transforms not in TRANSFORMS:
         raise ConfigError(unknown_choice("transforms", cfg.transforms, sorted(TRANSFORMS)))
     aug.parse(cfg.augment)
+    check_optimizer(cfg)
+
+
+def check_optimizer(cfg) -> None:
+    """``ConfigError`` unless ``cfg``'s ``optimizer``, ``adam_b2`` and ``weight_decay`` make an
+    ``optimizer(cfg, lr)`` (OCM's, OnPro's and GSA's)."""
     if cfg.optimizer not in OPTIMIZERS:
         raise ConfigError(unknown_choice("optimizer", cfg.optimizer, OPTIMIZERS))
     if not 0.0 <= cfg.adam_b2 < 1.0 or cfg.weight_decay < 0:
