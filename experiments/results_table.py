@@ -31,7 +31,7 @@ from ocljax.run.results import write_atomic
 
 BENCHMARKS = ("split_mnist", "permuted_mnist", "split_fashion_mnist")
 LEARNERS = ("finetune", "finetune@iid", "er", "er_ace", "er_aml", "der", "derpp", "clser",
-            "mir", "aser", "gss", "gem", "agem", "rar", "scr", "pcr", "cope", "ocm", "onpro",
+            "mir", "dvc", "aser", "gss", "gem", "agem", "rar", "scr", "pcr", "cope", "ocm", "onpro",
             "gsa", "gdumb", "icarl", "lwf", "ewc_online", "mas", "er_ncm")
 # OCM, OnPro and GSA: their Adam learning rates; OCM and OnPro 2 seeds (each step costs ~150
 # ER steps)
