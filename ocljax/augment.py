@@ -94,16 +94,28 @@ def random_resized_crop(key: Array, x: Array, scale: tuple[float, float] = (0.2,
 
 
 def random_brightness_contrast(key: Array, x: Array, strength: float = 0.4) -> Array:
-    """Scale brightness and contrast of each image by factors in ``[1 - s, 1 + s]``."""
-    k1, k2 = jax.random.split(key)
+    """Scale the brightness and the contrast of each image by factors drawn uniformly in
+    ``[1 - s, 1 + s]``, in an order drawn per image, clipping to the valid range after each,
+    as torchvision's and kornia's ``ColorJitter`` do (they shuffle the order of their
+    adjustments at every call). Contrast blends each pixel with the mean of the image's grey
+    level (the luma of a colour image): ``(x - m) c + m``."""
+    k1, k2, k3 = jax.random.split(key, 3)
     b = x.shape[0]
     top = 255.0 if jnp.issubdtype(x.dtype, jnp.integer) else 1.0
     f = x.astype(jnp.float32)
     bright = jax.random.uniform(k1, (b, 1, 1, 1), minval=1 - strength, maxval=1 + strength)
     contrast = jax.random.uniform(k2, (b, 1, 1, 1), minval=1 - strength, maxval=1 + strength)
-    f = f * bright
-    mean = f.mean(axis=(1, 2, 3), keepdims=True)
-    f = jnp.clip((f - mean) * contrast + mean, 0.0, top)
+    brightness_first = jax.random.bernoulli(k3, 0.5, (b, 1, 1, 1))
+
+    def brighten(f):
+        return jnp.clip(f * bright, 0.0, top)
+
+    def contrast_of(f):
+        grey = (f * jnp.asarray(LUMA)).sum(-1, keepdims=True) if f.shape[-1] == 3 else f
+        mean = grey.mean(axis=(1, 2, 3), keepdims=True)
+        return jnp.clip((f - mean) * contrast + mean, 0.0, top)
+
+    f = jnp.where(brightness_first, contrast_of(brighten(f)), brighten(contrast_of(f)))
     return _like(f, x)
 
 

@@ -97,6 +97,37 @@ def test_jitter_zero_strength_is_identity_and_range_is_kept():
     assert out.dtype == np.uint8 and not np.array_equal(out, x)
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_jitter_clips_after_each_adjustment_in_a_random_order(channels):
+    # saturated pixels: brightness x1.3 then contrast differs from the reverse order once
+    # clipping happens between them (torchvision's and kornia's ColorJitter)
+    rng = np.random.default_rng(channels)
+    x = rng.choice(np.array([0.0, 0.5, 0.9, 1.0], np.float32), size=(64, 6, 6, channels))
+    key = jax.random.PRNGKey(3)
+    got = np.asarray(augment.random_brightness_contrast(key, jnp.asarray(x), 0.4))
+    k1, k2, k3 = jax.random.split(key, 3)
+    bright = np.asarray(jax.random.uniform(k1, (64, 1, 1, 1), minval=0.6, maxval=1.4))
+    contrast = np.asarray(jax.random.uniform(k2, (64, 1, 1, 1), minval=0.6, maxval=1.4))
+    first = np.asarray(jax.random.bernoulli(k3, 0.5, (64, 1, 1, 1)))
+    luma = np.array([0.299, 0.587, 0.114])
+
+    def adjust_contrast(f):
+        grey = (f * luma).sum(-1, keepdims=True) if channels == 3 else f
+        m = grey.mean(axis=(1, 2, 3), keepdims=True)
+        return np.clip((f - m) * contrast + m, 0, 1)
+
+    def adjust_brightness(f):
+        return np.clip(f * bright, 0, 1)
+
+    want = np.where(first, adjust_contrast(adjust_brightness(x)),
+                    adjust_brightness(adjust_contrast(x)))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert 10 < first.sum() < 54  # both orders occur
+    # the order matters on these images
+    assert not np.allclose(adjust_contrast(adjust_brightness(x)),
+                           adjust_brightness(adjust_contrast(x)), atol=1e-3)
+
+
 def test_grayscale_turns_about_p_of_colour_images_to_their_luma():
     rng = np.random.default_rng(7)
     x = rng.integers(0, 255, size=(400, 3, 3, 3), dtype=np.uint8)
