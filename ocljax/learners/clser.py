@@ -149,14 +149,14 @@ def update_state(model: Model, cfg: Config, state: State, batch: Batch, hp, key)
     the plastic or stable memory, step the working model, then update the memories."""
     k_er, k_coins = jax.random.split(key)
     k_write, k_read = jax.random.split(k_er)  # ER's keys: the read matches ER's exactly
-    state = er.flush(state, k_write, batch.fresh)
-    stream = {"x": batch.x, "y": batch.y}
-    replay, mask = er.replay_rows(state.buffer, k_read, cfg.replay_batch, stream)
+    state, stream, x, y, valid = er.combined_rows(state, batch, k_write, k_read,
+                                                  cfg.replay_batch)
     n = batch.y.shape[0]
+    replay, mask = {"x": x[n:], "y": y[n:]}, valid[n:]
     # The stable model is also the one evaluated: without model state (no BatchNorm) its
     # forward on the incoming rows gives the online logits of the pre-update learner for free.
     stateless = not jax.tree.leaves(state.net.model_state)
-    x_stable = jnp.concatenate([batch.x, replay["x"]]) if stateless else replay["x"]
+    x_stable = x if stateless else replay["x"]
     stable_logits, _, stable_ms = model.apply(state.stable.params, state.stable.model_state,
                                               x_stable, True)
     plastic_logits, _, plastic_ms = model.apply(state.plastic.params,
@@ -164,14 +164,11 @@ def update_state(model: Model, cfg: Config, state: State, batch: Batch, hp, key)
     stable_replay = stable_logits[n:] if stateless else stable_logits
     # the code skips the memories' forward while the buffer is empty: their BatchNorm
     # statistics then see no filler rows
-    seen = lambda new, old: jax.tree.map(  # noqa: E731
+    if_read = lambda new, old: jax.tree.map(  # noqa: E731
         lambda a, b: jnp.where(mask.any(), a, b), new, old)
-    stable_ms = seen(stable_ms, state.stable.model_state)
-    plastic_ms = seen(plastic_ms, state.plastic.model_state)
+    stable_ms = if_read(stable_ms, state.stable.model_state)
+    plastic_ms = if_read(plastic_ms, state.plastic.model_state)
     targets = jax.lax.stop_gradient(select_targets(plastic_logits, stable_replay, replay["y"]))
-    x = jnp.concatenate([batch.x, replay["x"]])
-    y = jnp.concatenate([batch.y, replay["y"]])
-    valid = jnp.concatenate([jnp.ones((n,), bool), mask])
 
     def loss_fn(params, model_state):
         logits, _, model_state = model.apply(params, model_state, x, True)

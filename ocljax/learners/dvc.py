@@ -57,10 +57,10 @@ import jax.numpy as jnp
 from ocljax import augment as aug
 from ocljax.errors import ConfigError
 from ocljax.learners import er
-from ocljax.learners.supervised import NetState, apply_gradients, backbone_probe, online_logits
+from ocljax.learners.supervised import NetState, apply_gradients, classifier_learner, online_logits
 from ocljax.losses import cross_entropy, masked_mean
 from ocljax.optim import build as build_optimizer
-from ocljax.types import Array, Batch, Learner, Model, PyTree, identity_prepare_eval
+from ocljax.types import Array, Batch, Learner, Model, PyTree
 
 __all__ = ["Config", "EPS", "HParams", "State", "check_config", "dvc_loss", "init_q", "make",
            "mgi_scores", "q_head"]
@@ -210,9 +210,4 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
         state = er.hold(state._replace(net=net), stream, batch.fresh)
         return state, {"loss": l_in + l_mem, "stream_logits": online_logits(net, z_in)}
 
-    def predict(state: State, x, hp):
-        del hp
-        return model.apply(state.net.params["net"], state.net.model_state, x, False)[0]
-
-    return Learner(init, update, predict, identity_prepare_eval, HParams(),
-                   features=backbone_probe(model))
+    return classifier_learner(model, init, update, HParams())

@@ -80,7 +80,7 @@ from ocljax import augment as aug
 from ocljax.errors import ConfigError, require_positive
 from ocljax.learners import er
 from ocljax.learners.ocm import check_optimizer, optimizer, optimizer_step
-from ocljax.learners.supervised import NetState, online_logits
+from ocljax.learners.supervised import NetState, net_features
 from ocljax.memory import reservoir
 from ocljax.types import Array, Batch, Learner, Model, identity_prepare_eval
 
@@ -307,9 +307,9 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
                                task_step=task_step + 1)
         state = er.hold(state, stream, batch.fresh)
         # online accuracy: the pre-update learner, which had not seen this batch's new classes
-        logits = None if stream_logits is None else online_logits(net, stream_logits)
-        if logits is not None:
-            logits = jnp.where(seen_before, logits, UNSEEN)
+        # (logits only without model state, where the training forward is the evaluation one)
+        logits = None if stream_logits is None else jnp.where(seen_before, stream_logits,
+                                                             UNSEEN)
         return state, {"loss": loss, "stream_logits": logits}
 
     def predict(state: State, x, hp):
@@ -317,8 +317,5 @@ def make(model: Model, cfg: Config | None = None) -> Learner:
         logits = model.apply(state.net.params, state.net.model_state, x, False)[0]
         return jnp.where(state.seen, logits, UNSEEN)
 
-    def features(state: State, x, hp):
-        del hp
-        return model.apply(state.net.params, state.net.model_state, x, False)[1]
-
-    return Learner(init, update, predict, identity_prepare_eval, HParams(), features=features)
+    return Learner(init, update, predict, identity_prepare_eval, HParams(),
+                   features=net_features(model))

@@ -82,10 +82,10 @@ from ocljax import augment as aug
 from ocljax.errors import ConfigError, require_positive, unknown_choice
 from ocljax.learners import er
 from ocljax.learners.er_ncm import unit_rows
-from ocljax.learners.supervised import NetState, backbone_probe, online_logits
+from ocljax.learners.supervised import NetState, classifier_learner, online_logits
 from ocljax.losses import cross_entropy
 from ocljax.memory import reservoir
-from ocljax.types import Array, Batch, Learner, Model, identity_prepare_eval
+from ocljax.types import Array, Batch, Learner, Model
 
 __all__ = ["Config", "HParams", "State", "TASK_FREE_HINT", "check_config", "check_fits",
            "check_optimizer",
@@ -305,19 +305,6 @@ def optimizer_step(cfg, net: NetState, loss_fn, lr) -> tuple[NetState, Array, tu
     *aux, model_state = aux
     updates, opt_state = optimizer(cfg, lr).update(grads, net.opt_state, net.params)
     return NetState(optax.apply_updates(net.params, updates), model_state, opt_state), loss, aux
-
-
-def classifier_learner(model: Model, init, update, hparams) -> Learner:
-    """The ``Learner`` of a method trained with a head beside the network (parameters
-    ``{"net", "head"}``) that predicts with the network's own classifier: evaluation-mode
-    logits, and backbone features for probes."""
-
-    def predict(state, x: Array, hp) -> Array:
-        del hp
-        return model.apply(state.net.params["net"], state.net.model_state, x, False)[0]
-
-    return Learner(init, update, predict, identity_prepare_eval, hparams,
-                   features=backbone_probe(model))
 
 
 def make(model: Model, cfg: Config | None = None) -> Learner:

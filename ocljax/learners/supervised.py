@@ -160,3 +160,18 @@ def net_learner(model: Model, init: Callable[..., PyTree], update: Callable, hpa
 
     return Learner(init, update, predict, identity_prepare_eval, hparams,
                    features=net_features(model))
+
+
+def classifier_learner(model: Model, init: Callable[..., PyTree], update: Callable,
+                       hparams) -> Learner:
+    """The ``Learner`` of a method that trains parameters of its own beside the network
+    (parameters ``{"net": model parameters, ...}``: OCM's and OnPro's projection head, DVC's Q
+    head) and predicts with the network's own classifier: evaluation-mode logits, and backbone
+    features for probes (``backbone_probe``)."""
+
+    def predict(state, x: Array, hp) -> Array:
+        del hp
+        return model.apply(state.net.params["net"], state.net.model_state, x, False)[0]
+
+    return Learner(init, update, predict, identity_prepare_eval, hparams,
+                   features=backbone_probe(model))
